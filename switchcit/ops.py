@@ -1,0 +1,280 @@
+"""Public multi-LoRA ops: argument checks, backend dispatch, and the ``torch.library`` registration.
+
+    y = lora_linear(x, weight, lora_a, lora_b, adapter_ids, scaling)     # x Wᵀ + b + routed LoRA
+    lora_delta(x, lora_a, lora_b, adapter_ids, scaling, out=y)           # y += routed LoRA
+
+Shapes follow PEFT: ``x [..., H]``, ``weight [O, H]``, ``lora_a [N, R, H]``, ``lora_b [N, O, R]``,
+``adapter_ids`` int32/int64 with one id per token of ``x`` (−1 = base model only) or a prebuilt
+:class:`~switchcit.routing.RoutingPlan`, ``scaling`` a float or ``[N]`` tensor, ``ranks`` an optional
+``[N]`` int tensor (adapter i uses its first ``ranks[i]`` rows of A and columns of B).
+
+Every check runs before any kernel launch and raises ``TypeError``/``ValueError``. Checking the ids'
+values reads them on the host; pass a plan built once per forward (:func:`build_routing_plan`) to pay
+that once for all layers. During CUDA-graph capture or ``torch.compile`` tracing value checks are
+skipped and out-of-range ids route to the base model, so kernels never read out of bounds.
+
+Backends: ``"torch"`` (the reference, any dtype and device), ``"triton"`` (CUDA tensors, or CPU
+tensors under ``TRITON_INTERPRET=1``). ``backend=None`` reads ``SWITCHCIT_BACKEND``, else picks
+``"triton"`` for CUDA tensors when Triton is installed and ``"torch"`` otherwise.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import NamedTuple
+
+import torch
+
+from switchcit.reference import lora_delta_reference
+from switchcit.routing import RoutingPlan, build_routing_plan, check_adapter_ids, may_read_values
+
+__all__ = ["lora_linear", "lora_delta", "BACKENDS", "select_backend"]
+
+BACKENDS = ("torch", "triton")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor | RoutingPlan,
+    scaling: float | torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ranks: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``x Wᵀ + b + scaling[a] · (x A[a]ᵀ) B[a]ᵀ`` per token, ``a`` its adapter; returns ``[..., O]``."""
+    call = _prepare(x, lora_a, lora_b, adapter_ids, scaling, ranks, backend)
+    hidden, out_features = call.x.shape[1], call.lora_b.shape[1]
+    _check_tensor("weight", weight, 2)
+    if tuple(weight.shape) != (out_features, hidden):
+        raise ValueError(f"weight {tuple(weight.shape)} must be [O={out_features}, H={hidden}] to match lora_b and x")
+    _check_same("weight", weight, x)
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias {tuple(bias.shape)} must be [O={out_features}]")
+        _check_same("bias", bias, x)
+    out = torch.nn.functional.linear(x, weight, bias)
+    _add_lora(call, out)
+    return out
+
+
+def lora_delta(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor | RoutingPlan,
+    scaling: float | torch.Tensor,
+    out: torch.Tensor | None = None,
+    ranks: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Add the routed LoRA term into ``out [..., O]`` in place and return it; without ``out``,
+    return the term alone (zero rows for base-only tokens)."""
+    call = _prepare(x, lora_a, lora_b, adapter_ids, scaling, ranks, backend)
+    if out is None:
+        out = x.new_zeros(*x.shape[:-1], call.lora_b.shape[1])
+    else:
+        _check_tensor("out", out, None)
+        expected = (*x.shape[:-1], call.lora_b.shape[1])
+        if tuple(out.shape) != expected:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {expected}")
+        _check_same("out", out, x)
+    _add_lora(call, out)
+    return out
+
+
+def select_backend(backend: str | None, x: torch.Tensor) -> str:
+    """Resolve ``backend`` (or ``SWITCHCIT_BACKEND``, or the automatic choice) for input ``x``."""
+    name = backend or os.environ.get("SWITCHCIT_BACKEND") or "auto"
+    if name == "auto":
+        triton_fits = x.is_cuda and x.dtype in _TRITON_DTYPES and _triton_installed()
+        return "triton" if triton_fits else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
+    if name == "triton":
+        if not _triton_installed():
+            raise RuntimeError("backend 'triton' needs the triton package (pip install triton)")
+        if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+            raise ValueError(
+                f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {x.device}"
+            )
+        if x.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"backend 'triton' supports float16, bfloat16 and float32, got {x.dtype}")
+    return name
+
+
+class _Call(NamedTuple):
+    """A checked call: 2-D input, bank, routing, and the backend chosen for it."""
+
+    x: torch.Tensor  # [T, H]
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    routing: torch.Tensor | RoutingPlan
+    scaling: torch.Tensor | None
+    scale: float
+    ranks: torch.Tensor | None
+    backend: str
+
+
+def _prepare(x, lora_a, lora_b, adapter_ids, scaling, ranks, backend) -> _Call:
+    _check_tensor("x", x, None)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (hidden)")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    _check_tensor("lora_a", lora_a, 3)
+    _check_tensor("lora_b", lora_b, 3)
+    num_adapters, max_rank, hidden = lora_a.shape
+    if hidden != _hidden(x):
+        raise ValueError(f"lora_a {tuple(lora_a.shape)} does not match x's hidden size {_hidden(x)}")
+    if lora_b.shape[0] != num_adapters or lora_b.shape[2] != max_rank:
+        raise ValueError(
+            f"lora_b {tuple(lora_b.shape)} does not match lora_a {tuple(lora_a.shape)}: expected [N={num_adapters}, O, R={max_rank}]"
+        )
+    _check_same("lora_a", lora_a, x)
+    _check_same("lora_b", lora_b, x)
+
+    x2 = x.reshape(-1, hidden)
+    num_tokens = x2.shape[0]
+    routing = _check_routing(adapter_ids, x.shape[:-1], num_tokens, num_adapters, x.device)
+    scale, scaling_tensor = _check_scaling(scaling, num_adapters, x.device)
+    if ranks is not None:
+        _check_ranks(ranks, num_adapters, max_rank, x.device)
+    name = select_backend(backend, x)
+    return _Call(x2, lora_a, lora_b, routing, scaling_tensor, scale, ranks, name)
+
+
+def _add_lora(call: _Call, out: torch.Tensor) -> None:
+    """``out += LoRA term`` for a checked call; ``out`` has shape ``[..., O]``."""
+    out_features = call.lora_b.shape[1]
+    if call.backend == "torch":
+        ids = call.routing.token_adapter if isinstance(call.routing, RoutingPlan) else call.routing.reshape(-1)
+        scaling = call.scaling if call.scaling is not None else call.scale
+        delta = lora_delta_reference(call.x, call.lora_a, call.lora_b, ids, scaling, call.ranks)
+        out.add_(delta.view(out.shape))
+        return
+
+    plan = call.routing
+    if not isinstance(plan, RoutingPlan):
+        plan = build_routing_plan(plan, call.lora_a.shape[0], validate=False)  # checked in _prepare
+    flat = _view_2d(out)
+    target = flat if flat is not None else out.new_zeros(call.x.shape[0], out_features)
+    torch.ops.switchcit.segmented_lora_delta_(
+        target, call.x, call.lora_a, call.lora_b,
+        plan.sorted_token_ids, plan.adapter_offsets, plan.tile_adapter, plan.tile_start, plan.block_m,
+        call.scaling, call.scale, call.ranks,
+    )
+    if flat is None:  # out's strides admit no [T, O] view: accumulate through a temporary
+        out.add_(target.view(out.shape))
+
+
+def _view_2d(t: torch.Tensor) -> torch.Tensor | None:
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _hidden(x: torch.Tensor) -> int:
+    return x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() > 0 else -1
+
+
+def _check_tensor(name: str, t, dim: int | None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_same(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}")
+
+
+def _check_routing(adapter_ids, lead_shape, num_tokens: int, num_adapters: int, device: torch.device):
+    if isinstance(adapter_ids, RoutingPlan):
+        if adapter_ids.num_tokens != num_tokens or adapter_ids.num_adapters != num_adapters:
+            raise ValueError(
+                f"routing plan is for {adapter_ids.num_tokens} tokens and {adapter_ids.num_adapters} adapters, "
+                f"but x has {num_tokens} tokens and the bank {num_adapters} adapters"
+            )
+        if adapter_ids.device != device:
+            raise ValueError(f"routing plan is on {adapter_ids.device} but x is on {device}")
+        return adapter_ids
+    check_adapter_ids(adapter_ids, num_adapters)
+    if tuple(adapter_ids.shape) not in ((num_tokens,), tuple(lead_shape)):
+        raise ValueError(
+            f"adapter_ids has shape {tuple(adapter_ids.shape)}; expected [{num_tokens}] or {tuple(lead_shape)} "
+            "(one id per token of x)"
+        )
+    if adapter_ids.device != device:
+        raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {device}")
+    return adapter_ids
+
+
+def _check_scaling(scaling, num_adapters: int, device: torch.device) -> tuple[float, torch.Tensor | None]:
+    if isinstance(scaling, torch.Tensor):
+        if not scaling.is_floating_point():
+            raise TypeError(f"scaling must be a float or a floating-point tensor, got {scaling.dtype}")
+        if tuple(scaling.shape) != (num_adapters,):
+            raise ValueError(f"scaling must have shape [N={num_adapters}], got {tuple(scaling.shape)}")
+        if scaling.device != device:
+            raise ValueError(f"scaling is on {scaling.device} but x is on {device}")
+        return 1.0, scaling
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a float or a [N] tensor, got {type(scaling).__name__}")
+    return float(scaling), None
+
+
+def _check_ranks(ranks, num_adapters: int, max_rank: int, device: torch.device) -> None:
+    _check_tensor("ranks", ranks, 1)
+    if ranks.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ranks must be int32 or int64, got {ranks.dtype}")
+    if ranks.shape[0] != num_adapters:
+        raise ValueError(f"ranks must have shape [N={num_adapters}], got {tuple(ranks.shape)}")
+    if ranks.device != device:
+        raise ValueError(f"ranks is on {ranks.device} but x is on {device}")
+    if num_adapters and may_read_values(ranks):
+        low, high = (int(v) for v in torch.aminmax(ranks))
+        if low < 0 or high > max_rank:
+            raise ValueError(f"ranks must lie in [0, R={max_rank}], got values in [{low}, {high}]")
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@torch.library.custom_op("switchcit::segmented_lora_delta_", mutates_args=("out",))
+def _segmented_lora_delta(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    sorted_token_ids: torch.Tensor,
+    adapter_offsets: torch.Tensor,
+    tile_adapter: torch.Tensor,
+    tile_start: torch.Tensor,
+    block_m: int,
+    scaling: torch.Tensor | None,
+    scale: float,
+    ranks: torch.Tensor | None,
+) -> None:
+    """``out [T, O] += LoRA term`` with the Triton kernels, over a routing plan's tensors."""
+    from switchcit.kernels import segmented_lora_delta  # imports triton only when first used
+
+    segmented_lora_delta(
+        out, x, lora_a, lora_b, sorted_token_ids, adapter_offsets, tile_adapter, tile_start,
+        block_m, scaling, scale, ranks,
+    )
+
+
+@_segmented_lora_delta.register_fake
+def _(out, x, lora_a, lora_b, sorted_token_ids, adapter_offsets, tile_adapter, tile_start,
+      block_m, scaling, scale, ranks) -> None:
+    return None
