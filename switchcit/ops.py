@@ -207,7 +207,7 @@ def _check_routing(adapter_ids, lead_shape, num_tokens: int, num_adapters: int, 
         if adapter_ids.device != device:
             raise ValueError(f"routing plan is on {adapter_ids.device} but x is on {device}")
         return adapter_ids
-    check_adapter_ids(adapter_ids, num_adapters)
+    _check_tensor("adapter_ids", adapter_ids, None)
     if tuple(adapter_ids.shape) not in ((num_tokens,), tuple(lead_shape)):
         raise ValueError(
             f"adapter_ids has shape {tuple(adapter_ids.shape)}; expected [{num_tokens}] or {tuple(lead_shape)} "
@@ -215,6 +215,7 @@ def _check_routing(adapter_ids, lead_shape, num_tokens: int, num_adapters: int, 
         )
     if adapter_ids.device != device:
         raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {device}")
+    check_adapter_ids(adapter_ids, num_adapters)
     return adapter_ids
 
 

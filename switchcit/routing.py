@@ -80,9 +80,7 @@ def may_read_values(t: torch.Tensor) -> bool:
     """Whether reading ``t``'s values on the host is allowed now."""
     # Reading a CUDA tensor's values syncs the host; during graph capture or compilation we skip the
     # check, and the plan maps out-of-range ids to "base only" so kernels stay memory-safe.
-    if t.device.type == "cpu":
-        return True
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or t.device.type == "meta":
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -104,7 +102,7 @@ def build_routing_plan(
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
 
-    if ids.device.type == "cpu" and _C is not None:
+    if ids.device.type == "cpu" and _C is not None and not torch.compiler.is_compiling():
         sorted_ids, offsets = _C.sort_tokens_by_adapter(ids.numpy(), num_adapters)
         sorted_token_ids, adapter_offsets = torch.from_numpy(sorted_ids), torch.from_numpy(offsets)
     else:

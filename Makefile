@@ -1,0 +1,36 @@
+# `make test` and `make demo` set everything up themselves on a fresh clone: a .venv that sees an
+# already-installed torch/triton (system site packages) and installs them only when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.9.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench bench-smoke clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(STAMP)
+
+# Without CUDA the Triton kernels run in the interpreter (tests/conftest.py sets TRITON_INTERPRET).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	TRITON_INTERPRET=$${TRITON_INTERPRET:-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
+		$(PY) -m switchcit.cli demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_lora_linear.py
+
+bench-smoke: $(STAMP)
+	$(PY) benchmarks/bench_lora_linear.py --cpu-smoke
+
+clean:
+	rm -rf $(VENV) build *.egg-info switchcit/_C*.so

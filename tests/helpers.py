@@ -1,0 +1,74 @@
+"""Random multi-LoRA problems shared by the tests."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Problem:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    adapter_ids: torch.Tensor
+    scaling: float | torch.Tensor
+    ranks: torch.Tensor | None
+
+    def reference_delta(self) -> torch.Tensor:
+        """The float64 spec on the same (already rounded) inputs, ``[T, O]``."""
+        from switchcit.reference import lora_delta_reference
+
+        scaling = self.scaling.double() if isinstance(self.scaling, torch.Tensor) else self.scaling
+        x = self.x.reshape(-1, self.x.shape[-1]).double()
+        return lora_delta_reference(
+            x, self.lora_a.double(), self.lora_b.double(), self.adapter_ids.reshape(-1), scaling, self.ranks
+        )
+
+
+def make_problem(
+    gen: torch.Generator,
+    tokens: int,
+    hidden: int,
+    out_features: int,
+    num_adapters: int,
+    max_rank: int,
+    *,
+    ids: str = "random",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    id_dtype: torch.dtype = torch.int64,
+    tensor_scaling: bool = True,
+    heterogeneous_ranks: bool = True,
+) -> Problem:
+    """``ids``: random (incl. −1) | all_base | one_adapter | skip_some (adapters 1 and 3 get no tokens)."""
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device)
+
+    if ids == "all_base":
+        adapter_ids = torch.full((tokens,), -1)
+    elif ids == "one_adapter":
+        adapter_ids = torch.full((tokens,), num_adapters - 1)
+    else:
+        adapter_ids = torch.randint(-1, num_adapters, (tokens,), generator=gen)
+        if ids == "skip_some":
+            adapter_ids[(adapter_ids == 1) | (adapter_ids == 3)] = 0
+    scaling = (torch.rand(num_adapters, generator=gen) * 2 + 0.1).to(dtype).to(device) if tensor_scaling else 0.75
+    ranks = None
+    if heterogeneous_ranks:
+        ranks = torch.randint(0, max_rank + 1, (num_adapters,), generator=gen)
+        ranks[0] = max_rank  # the full rank is always exercised
+        ranks = ranks.to(device)
+    return Problem(
+        x=randn(tokens, hidden),
+        weight=randn(out_features, hidden, scale=hidden**-0.5),
+        bias=randn(out_features),
+        lora_a=randn(num_adapters, max_rank, hidden, scale=hidden**-0.5),
+        lora_b=randn(num_adapters, out_features, max_rank, scale=max_rank**-0.5),
+        adapter_ids=adapter_ids.to(id_dtype).to(device),
+        scaling=scaling,
+        ranks=ranks,
+    )

@@ -1,0 +1,96 @@
+"""The routing plan: C++ counting sort vs the device path, and the tile schedule's invariants."""
+import pytest
+import torch
+from conftest import DEVICE
+
+from switchcit import routing
+from switchcit.routing import build_routing_plan
+
+
+def sort_with_torch(ids, num_adapters):
+    return routing._sort_tokens_by_adapter(ids.reshape(-1), num_adapters)
+
+
+def random_ids(gen, tokens, num_adapters, dtype=torch.int64):
+    return torch.randint(-1, num_adapters, (tokens,), generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("tokens,num_adapters", [(0, 3), (1, 1), (57, 5), (1000, 64), (300, 0)])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
+def test_cpp_sort_matches_device_path(tokens, num_adapters, id_dtype, generator):
+    if routing._C is None:
+        pytest.skip("C++ core not built")
+    ids = random_ids(generator, tokens, max(num_adapters, 0), id_dtype) if num_adapters else torch.full((tokens,), -1, dtype=id_dtype)
+    sorted_cpp, offsets_cpp = routing._C.sort_tokens_by_adapter(ids.numpy(), num_adapters)
+    sorted_torch, offsets_torch = sort_with_torch(ids, num_adapters)
+    assert torch.equal(torch.from_numpy(sorted_cpp), sorted_torch)
+    assert torch.equal(torch.from_numpy(offsets_cpp), offsets_torch)
+
+
+def test_cpp_sort_rejects_out_of_range_ids():
+    if routing._C is None:
+        pytest.skip("C++ core not built")
+    with pytest.raises(ValueError, match="outside"):
+        routing._C.sort_tokens_by_adapter(torch.tensor([0, 3]).numpy(), 3)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        routing._C.sort_tokens_by_adapter(torch.tensor([0.0]).numpy(), 3)
+
+
+@pytest.mark.parametrize("tokens,num_adapters,block_m", [(0, 4, 16), (1, 4, 16), (77, 6, 16), (500, 9, 64), (200, 0, 16), (40, 64, 32)])
+def test_plan_invariants(tokens, num_adapters, block_m, generator):
+    ids = random_ids(generator, tokens, num_adapters) if num_adapters else torch.full((tokens,), -1)
+    plan = build_routing_plan(ids.to(DEVICE), num_adapters, block_m=block_m)
+    sorted_ids = plan.sorted_token_ids.cpu().long()
+    offsets = plan.adapter_offsets.cpu().long()
+
+    # Stable sort by adapter, base-only tokens last.
+    keys = torch.where(ids < 0, num_adapters, ids)
+    assert torch.equal(sorted_ids.sort().values, torch.arange(tokens))
+    assert torch.equal(keys[sorted_ids], keys.sort(stable=True).values)
+    assert torch.equal(sorted_ids, keys.sort(stable=True).indices)
+    assert offsets[0] == 0 and offsets[-1] == tokens
+    for a in range(num_adapters + 1):
+        assert (keys[sorted_ids[offsets[a]:offsets[a + 1]]] == a).all()
+
+    # Tiles: static count, each adapter's rows covered exactly once, idle tiles marked −1.
+    tile_adapter = plan.tile_adapter.cpu().long()
+    tile_start = plan.tile_start.cpu().long()
+    assert tile_adapter.numel() == -(-tokens // block_m) + min(num_adapters, tokens)
+    covered = torch.zeros(tokens, dtype=torch.long)
+    for a, start in zip(tile_adapter.tolist(), tile_start.tolist()):
+        if a < 0:
+            continue
+        end = min(start + block_m, int(offsets[a + 1]))
+        assert offsets[a] <= start < end
+        covered[start:end] += 1
+    assert torch.equal(covered[: offsets[num_adapters]], torch.ones(int(offsets[num_adapters]), dtype=torch.long))
+    assert (covered[offsets[num_adapters]:] == 0).all(), "base-only tokens get no tile"
+
+
+def test_cpu_plan_uses_cpp_and_matches_torch_path(generator, monkeypatch):
+    ids = random_ids(generator, 333, 7)
+    fast = build_routing_plan(ids, 7)
+    monkeypatch.setattr(routing, "_C", None)
+    plain = build_routing_plan(ids, 7)
+    for field in ("sorted_token_ids", "adapter_offsets", "tile_adapter", "tile_start"):
+        assert torch.equal(getattr(fast, field), getattr(plain, field)), field
+
+
+@pytest.mark.parametrize("bad", [[0, 5], [-2, 0]])
+def test_plan_rejects_bad_ids(bad):
+    with pytest.raises(ValueError, match=f"adapter id {bad[1] if bad[1] == 5 else bad[0]}"):
+        build_routing_plan(torch.tensor(bad, device=DEVICE), 5)
+
+
+def test_plan_rejects_float_ids_and_bad_block():
+    with pytest.raises(TypeError, match="int32 or int64"):
+        build_routing_plan(torch.tensor([0.0, 1.0]), 3)
+    with pytest.raises(ValueError, match="power of two"):
+        build_routing_plan(torch.tensor([0, 1]), 3, block_m=24)
+
+
+def test_unchecked_plan_routes_out_of_range_ids_to_base():
+    """With checks off (graph capture, compile), bad ids must not reach the kernels as adapters."""
+    sorted_ids, offsets = sort_with_torch(torch.tensor([7, 0, -5, 1]), 2)
+    assert offsets.tolist() == [0, 1, 2, 4]  # adapter 0: token 1, adapter 1: token 3, base: tokens 0, 2
+    assert sorted_ids.tolist() == [1, 3, 0, 2]
