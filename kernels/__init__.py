@@ -1,4 +1,15 @@
 """Triton kernels of switchcit, installed as ``switchcit.kernels`` (never a top-level ``kernels``)."""
-from .lora import LoraKernelConfig, pick_config, segmented_lora_delta
+from .lora import (
+    LoraKernelConfig,
+    TileSchedule,
+    lora_expand,
+    lora_shrink,
+    lora_weight_grad,
+    pick_config,
+    shrink_partial_shape,
+)
 
-__all__ = ["LoraKernelConfig", "pick_config", "segmented_lora_delta"]
+__all__ = [
+    "TileSchedule", "LoraKernelConfig", "pick_config", "shrink_partial_shape",
+    "lora_shrink", "lora_expand", "lora_weight_grad",
+]

@@ -27,11 +27,13 @@ import torch
 
 from switchcit.reference import lora_delta_reference
 from switchcit.routing import RoutingPlan, build_routing_plan, check_adapter_ids, may_read_values
+from switchcit.triton_ops import TritonKernels  # registers the custom ops; imports triton lazily
 
 __all__ = ["lora_linear", "lora_delta", "BACKENDS", "select_backend"]
 
 BACKENDS = ("torch", "triton")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: find_spec is slow
 
 
 def lora_linear(
@@ -91,12 +93,12 @@ def select_backend(backend: str | None, x: torch.Tensor) -> str:
     """Resolve ``backend`` (or ``SWITCHCIT_BACKEND``, or the automatic choice) for input ``x``."""
     name = backend or os.environ.get("SWITCHCIT_BACKEND") or "auto"
     if name == "auto":
-        triton_fits = x.is_cuda and x.dtype in _TRITON_DTYPES and _triton_installed()
+        triton_fits = x.is_cuda and x.dtype in _TRITON_DTYPES and _HAS_TRITON
         return "triton" if triton_fits else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
     if name == "triton":
-        if not _triton_installed():
+        if not _HAS_TRITON:
             raise RuntimeError("backend 'triton' needs the triton package (pip install triton)")
         if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
             raise ValueError(
@@ -150,26 +152,49 @@ def _prepare(x, lora_a, lora_b, adapter_ids, scaling, ranks, backend) -> _Call:
 
 def _add_lora(call: _Call, out: torch.Tensor) -> None:
     """``out += LoRA term`` for a checked call; ``out`` has shape ``[..., O]``."""
-    out_features = call.lora_b.shape[1]
-    if call.backend == "torch":
+    if call.backend == "torch":  # the reference; plain autograd differentiates it
         ids = call.routing.token_adapter if isinstance(call.routing, RoutingPlan) else call.routing.reshape(-1)
         scaling = call.scaling if call.scaling is not None else call.scale
-        delta = lora_delta_reference(call.x, call.lora_a, call.lora_b, ids, scaling, call.ranks)
-        out.add_(delta.view(out.shape))
+        out.add_(lora_delta_reference(call.x, call.lora_a, call.lora_b, ids, scaling, call.ranks).view(out.shape))
         return
 
+    kernels = _kernels(call.backend)
     plan = call.routing
     if not isinstance(plan, RoutingPlan):
         plan = build_routing_plan(plan, call.lora_a.shape[0], validate=False)  # checked in _prepare
+    args = (call.x, call.lora_a, call.lora_b, plan, call.scaling, call.scale, call.ranks)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:3]):
+        out.add_(_LoraDelta.apply(kernels, *args).view(out.shape))
+        return
     flat = _view_2d(out)
-    target = flat if flat is not None else out.new_zeros(call.x.shape[0], out_features)
-    torch.ops.switchcit.segmented_lora_delta_(
-        target, call.x, call.lora_a, call.lora_b,
-        plan.sorted_token_ids, plan.adapter_offsets, plan.tile_adapter, plan.tile_start, plan.block_m,
-        call.scaling, call.scale, call.ranks,
-    )
+    target = flat if flat is not None else out.new_zeros(call.x.shape[0], call.lora_b.shape[1])
+    kernels.forward(target, *args, save=False)
     if flat is None:  # out's strides admit no [T, O] view: accumulate through a temporary
         out.add_(target.view(out.shape))
+
+
+class _LoraDelta(torch.autograd.Function):
+    """The LoRA term as a new ``[T, O]`` tensor, differentiable in x, lora_a and lora_b."""
+
+    @staticmethod
+    def forward(ctx, kernels, x, lora_a, lora_b, plan, scaling, scale, ranks):
+        delta = x.new_zeros(x.shape[0], lora_b.shape[1])
+        shrunk = kernels.forward(delta, x, lora_a, lora_b, plan, scaling, scale, ranks, save=True)
+        ctx.save_for_backward(x, lora_a, lora_b, shrunk, scaling, ranks)
+        ctx.kernels, ctx.plan, ctx.scale = kernels, plan, scale
+        return delta
+
+    @staticmethod
+    def backward(ctx, grad_delta):
+        x, lora_a, lora_b, shrunk, scaling, ranks = ctx.saved_tensors
+        grads = ctx.kernels.backward(
+            grad_delta, x, lora_a, lora_b, shrunk, ctx.plan, scaling, ctx.scale, ranks, ctx.needs_input_grad[1:4]
+        )
+        return None, *grads, None, None, None, None
+
+
+def _kernels(backend: str):
+    return TritonKernels
 
 
 def _view_2d(t: torch.Tensor) -> torch.Tensor | None:
@@ -247,35 +272,3 @@ def _check_ranks(ranks, num_adapters: int, max_rank: int, device: torch.device) 
             raise ValueError(f"ranks must lie in [0, R={max_rank}], got values in [{low}, {high}]")
 
 
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-@torch.library.custom_op("switchcit::segmented_lora_delta_", mutates_args=("out",))
-def _segmented_lora_delta(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    sorted_token_ids: torch.Tensor,
-    adapter_offsets: torch.Tensor,
-    tile_adapter: torch.Tensor,
-    tile_start: torch.Tensor,
-    block_m: int,
-    scaling: torch.Tensor | None,
-    scale: float,
-    ranks: torch.Tensor | None,
-) -> None:
-    """``out [T, O] += LoRA term`` with the Triton kernels, over a routing plan's tensors."""
-    from switchcit.kernels import segmented_lora_delta  # imports triton only when first used
-
-    segmented_lora_delta(
-        out, x, lora_a, lora_b, sorted_token_ids, adapter_offsets, tile_adapter, tile_start,
-        block_m, scaling, scale, ranks,
-    )
-
-
-@_segmented_lora_delta.register_fake
-def _(out, x, lora_a, lora_b, sorted_token_ids, adapter_offsets, tile_adapter, tile_start,
-      block_m, scaling, scale, ranks) -> None:
-    return None

@@ -6,19 +6,18 @@ from helpers import make_problem
 from switchcit import build_routing_plan, lora_linear
 
 
-def op_args(p, plan, out):
-    return (out, p.x, p.lora_a, p.lora_b, plan.sorted_token_ids, plan.adapter_offsets, plan.tile_adapter,
-            plan.tile_start, plan.block_m, p.scaling, 1.0, p.ranks)
-
-
 def test_opcheck(generator):
     p = make_problem(generator, 21, 32, 24, 3, 8, device=DEVICE)
     plan = build_routing_plan(p.adapter_ids, 3)
+    routing = (plan.sorted_token_ids, plan.adapter_offsets, plan.tile_adapter, plan.tile_start, plan.block_m)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    ops = torch.ops.switchcit
+    partial = ops.lora_shrink(p.x, p.lora_a, *routing, p.ranks)
+    torch.library.opcheck(ops.lora_shrink.default, (p.x, p.lora_a, *routing, p.ranks), test_utils=tests)
     out = torch.randn(21, 24, generator=generator).to(DEVICE)
-    torch.library.opcheck(
-        torch.ops.switchcit.segmented_lora_delta_.default, op_args(p, plan, out),
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
-    )
+    torch.library.opcheck(ops.lora_expand_.default, (out, partial, p.lora_b, *routing, p.scaling, 1.0, p.ranks), test_utils=tests)
+    grad_b = torch.empty_like(p.lora_b)
+    torch.library.opcheck(ops.lora_weight_grad_.default, (grad_b, out, partial, *routing, p.scaling, 1.0, p.ranks), test_utils=tests)
 
 
 def test_torch_compile_fullgraph(generator):

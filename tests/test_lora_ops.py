@@ -5,7 +5,7 @@ from conftest import DEVICE, assert_close_to_reference
 from helpers import make_problem
 
 from switchcit import build_routing_plan, lora_delta, lora_linear
-from switchcit.kernels import LoraKernelConfig, segmented_lora_delta
+from switchcit.kernels import LoraKernelConfig, lora_expand, lora_shrink
 from switchcit.reference import lora_delta_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -101,9 +101,10 @@ def test_kernel_configs_agree(split_k, block_m, generator):
     plan = build_routing_plan(p.adapter_ids, 6, block_m=block_m)
     out = torch.randn(50, 70, generator=generator).to(DEVICE)
     before = out.clone()
-    segmented_lora_delta(out, p.x, p.lora_a, p.lora_b, plan.sorted_token_ids, plan.adapter_offsets,
-                         plan.tile_adapter, plan.tile_start, plan.block_m, p.scaling, 1.0, p.ranks,
-                         LoraKernelConfig(block_n=32, block_k=16, split_k=split_k))
+    config = LoraKernelConfig(block_n=32, block_k=16, split_k=split_k)
+    partial = lora_shrink(p.x, p.lora_a, plan, p.ranks, config)
+    assert partial.shape[0] == min(split_k, -(-130 // 16))
+    lora_expand(out, partial, p.lora_b, plan, p.scaling, 1.0, p.ranks, config)
     assert_close_to_reference(out, before.double() + p.reference_delta(), torch.float32)
 
 

@@ -13,7 +13,8 @@ def no_launch(monkeypatch):
     def launched(*args, **kwargs):
         raise AssertionError("a kernel was launched before the input was rejected")
 
-    monkeypatch.setattr(switchcit.kernels, "segmented_lora_delta", launched)
+    for launcher in ("lora_shrink", "lora_expand", "lora_weight_grad"):
+        monkeypatch.setattr(switchcit.kernels, launcher, launched)
 
 
 def good(gen):
