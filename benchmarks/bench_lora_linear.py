@@ -47,12 +47,9 @@ if "--cpu-smoke" in sys.argv[1:]:
 import argparse
 import json
 import math
-import platform
 import re
 import statistics
-import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -61,11 +58,12 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
+from common import REPO, run_metadata
+
 from switchcit.ops import lora_linear
 from switchcit.reference import lora_delta_reference
 from switchcit.routing import RoutingPlan, build_routing_plan
 
-REPO = Path(__file__).resolve().parents[1]
 WORKLOADS = ("identical", "uniform", "distinct", "skewed")
 METHODS = ("base", "switchcit", "peft_loop", "grouped_mm")
 MODES = ("eager", "graph")
@@ -334,27 +332,10 @@ def device_tag(device_name: str) -> str:
     return model.group(1).lower() if model else re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
 
 
-def git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("-dirty" if dirty else "")
-
-
 def environment(device: torch.device, smoke: bool, sweep: dict, modes: tuple[str, ...]) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
-    return {
-        "device": name,
-        "device_tag": "cpu-smoke" if smoke else device_tag(name),
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "git_commit": git_commit(),
+    meta = run_metadata(device)
+    return meta | {
+        "device_tag": "cpu-smoke" if smoke else device_tag(meta["device"]),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "dtype": str(sweep["dtype"]).removeprefix("torch."),
         "num_adapters": sweep["adapters"],

