@@ -158,16 +158,16 @@ class _PeftBank:
         Cached while no adapter is added, changed in place (optimizer steps bump ``_version``) or
         rescaled; rebuilt on every call when gradients must flow back to PEFT's parameters.
         """
-        module, names = self.module, self.context
-        for name in module.lora_A:
-            names.add(name)  # adapters added to the PeftModel after accelerate
-        pairs = [
-            (module.lora_A[n].weight, module.lora_B[n].weight) if n in module.lora_A else None for n in names.names
-        ]
-        needs_graph = torch.is_grad_enabled() and any(p is not None and p[0].requires_grad for p in pairs)
-        key = (dtype, tuple(names.names), tuple(module.scaling.get(n) for n in names.names if n),
-               tuple((id(a), a._version, id(b), b._version) for a, b in filter(None, pairs)))
+        module = self.module
+        weights = [(module.lora_A[n].weight, module.lora_B[n].weight) for n in module.lora_A]
+        needs_graph = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in weights)
+        key = (dtype, module.base_layer.weight.device, len(self.context.names), tuple(module.lora_A), tuple(module.scaling.values()),
+               tuple((a._version, b._version) for a, b in weights))
         if needs_graph or key != self._key:
+            for name in module.lora_A:
+                self.context.add(name)  # adapters added to the PeftModel after accelerate
+            names = self.context.names
+            pairs = [(module.lora_A[n].weight, module.lora_B[n].weight) if n in module.lora_A else None for n in names]
             self._stacked = self._stack(pairs, dtype)
             self._key = None if needs_graph else key
         return self._stacked
@@ -195,7 +195,7 @@ class _PeftBank:
         return (
             torch.stack(lora_a) if num else zeros_a.new_zeros(0, max_rank, in_features),
             torch.stack(lora_b) if num else zeros_b.new_zeros(0, out_features, max_rank),
-            torch.tensor(ranks, dtype=torch.int64, device=device),
+            torch.tensor(ranks, dtype=torch.int32, device=device),
             torch.tensor(scaling, dtype=torch.float32, device=device),
         )
 

@@ -149,7 +149,7 @@ class MultiLoraLinear(nn.Module):
         weight = next(base.parameters())
         self.lora_a = nn.Parameter(weight.new_zeros(0, 0, self.in_features))
         self.lora_b = nn.Parameter(weight.new_zeros(0, self.out_features, 0))
-        self.register_buffer("ranks", torch.zeros(0, dtype=torch.int64, device=weight.device))
+        self.register_buffer("ranks", torch.zeros(0, dtype=torch.int32, device=weight.device))
         self.register_buffer("scaling", torch.zeros(0, dtype=torch.float32, device=weight.device))
         self._grow(self.context.num_adapters, 0)
 

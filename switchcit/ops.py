@@ -279,9 +279,14 @@ def _check_ranks(ranks, num_adapters: int, max_rank: int, device: torch.device) 
         raise ValueError(f"ranks must have shape [N={num_adapters}], got {tuple(ranks.shape)}")
     if ranks.device != device:
         raise ValueError(f"ranks is on {ranks.device} but x is on {device}")
-    if num_adapters and may_read_values(ranks):
-        low, high = (int(v) for v in torch.aminmax(ranks))
-        if low < 0 or high > max_rank:
-            raise ValueError(f"ranks must lie in [0, R={max_rank}], got values in [{low}, {high}]")
+    checked = (ranks._version, max_rank)
+    if not num_adapters or getattr(ranks, "_switchcit_checked", None) == checked or not may_read_values(ranks):
+        return
+    low, high = (int(v) for v in torch.aminmax(ranks))
+    if low < 0 or high > max_rank:
+        raise ValueError(f"ranks must lie in [0, R={max_rank}], got values in [{low}, {high}]")
+    # A bank's ranks are checked once, not per layer call (reading them syncs the GPU): any
+    # in-place change bumps the version and forces a new check.
+    ranks._switchcit_checked = checked
 
 

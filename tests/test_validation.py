@@ -103,3 +103,11 @@ def test_triton_rejects_float64_and_cpu_without_interpreter(generator, monkeypat
     q = make_problem(generator, 4, 8, 8, 2, 2)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         lora_delta(q.x, q.lora_a, q.lora_b, q.adapter_ids, q.scaling, backend="triton")
+
+
+def test_ranks_checked_once_and_again_after_in_place_change(generator):
+    p = good(generator)
+    lora_delta(p.x, p.lora_a, p.lora_b, p.adapter_ids, p.scaling, ranks=p.ranks, backend="torch")
+    p.ranks[1] = 5  # > R = 4: the cached check must not hide it
+    with pytest.raises(ValueError, match=r"ranks must lie in \[0, R=4\]"):
+        lora_delta(p.x, p.lora_a, p.lora_b, p.adapter_ids, p.scaling, ranks=p.ranks, backend="torch")

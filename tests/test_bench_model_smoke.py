@@ -1,0 +1,33 @@
+"""The model benchmark runs end to end: its ``--smoke`` run (tiniest Llama, float32, CPU) checks switchcit's
+logits against PEFT's, times every method on every batch and writes the JSON and markdown reports."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("base", "peft_1", "peft_mixed_2", "peft_mixed_8", "switchcit_mixed_2", "switchcit_mixed_8")
+
+
+def test_model_benchmark_smoke(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_model.py", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    report = json.loads((tmp_path / "model-cpu-smoke.json").read_text())
+    batches = report["batches"]
+    assert [b["kind"] for b in batches] == ["decode", "decode", "prefill"]
+    for batch in batches:
+        for method in METHODS:
+            ms = batch["methods"][method]["eager"]["ms"]
+            assert math.isfinite(ms) and ms > 0, (batch["batch"], method)
+        check = batch["check"]
+        for method in ("switchcit_mixed_2", "switchcit_mixed_8"):
+            assert check[method]["eager"] <= check[method]["bound"], (batch["batch"], check)
+        assert check["misrouting_effect"] > check["switchcit_mixed_8"]["bound"], check
+    assert len(report["headline"]) == len(batches)
+
+    assert "switchcit mixed 8 / base" in (tmp_path / "model-cpu-smoke.md").read_text()
