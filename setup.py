@@ -12,7 +12,10 @@ core = Pybind11Extension(
     "switchcit._C",
     sorted(glob("csrc/*.cpp")),
     cxx_std=17,
-    extra_compile_args=["-O3"],
+    # OpenMP parallelises the CPU LoRA kernels; no -march=native: the kernels dispatch on the CPU
+    # at run time (target_clones), so the build runs on any x86-64 machine.
+    extra_compile_args=["-O3", "-fopenmp"],
+    extra_link_args=["-fopenmp"],
 )
 
 setup(

@@ -4,13 +4,14 @@
 Default problem (issue 4): T = 512 tokens spread over 8 adapters (r16), H = O = 1024, float32, on all
 the CPU threads torch uses. Methods, timed in one run on the same inputs:
 
-* ``peft_loop``   per adapter present: gather its tokens, ``(x_i A_iᵀ) B_iᵀ · s_i``, ``index_add``
-                  back — PEFT's mixed-batch path (and its backward through autograd).
+* ``peft_loop``   PEFT's mixed-batch path (``lora.Linear._mixed_batch_forward``) line for line: per
+                  adapter present, a Python list of its tokens, ``(x_i A_iᵀ) B_iᵀ · s_i`` added back
+                  with ``result[indices] +=`` (backward through autograd).
 * ``cpp``         ``lora_delta(..., backend="cpp")``: the C++/OpenMP kernels, one call.
 * ``torch``       ``lora_delta(..., backend="torch")``: the reference, for scale.
 
 Every call gets raw adapter ids, so the routing plan is built inside the timed region (as the loop
-groups its tokens inside it). ``forward+backward`` differentiates x, lora_a and lora_b. Outputs and
+groups its tokens inside it), and the bank is a contiguous [N, R, H] / [N, O, R] tensor pair. ``forward+backward`` differentiates x, lora_a and lora_b. Outputs and
 gradients are checked against the float64 reference before timing.
 
     python benchmarks/bench_cpu.py            # writes benchmarks/results/cpu-lora_delta.{json,md}
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 from common import REPO, run_metadata
+from torch import nn
 
 from switchcit.ops import lora_delta
 from switchcit.reference import lora_delta_reference
@@ -34,13 +36,17 @@ TARGETS = {"forward": 5.0, "forward+backward": 3.0}  # minimum speed-up of cpp o
 
 
 def peft_loop(x, lora_a, lora_b, adapter_ids, scaling):
-    delta = x.new_zeros(x.shape[0], lora_b.shape[1])
-    for adapter in torch.unique(adapter_ids).tolist():
+    """PEFT's ``lora.Linear._mixed_batch_forward``, line for line: Python index lists per adapter,
+    then ``result[indices] += lora_B(lora_A(x[indices])) * scaling`` (each token a one-token sequence)."""
+    names = adapter_ids.tolist()  # PEFT receives adapter_names as a Python list
+    result = x.new_zeros(x.shape[0], lora_b.shape[1])
+    for adapter in set(names):
         if adapter < 0:
             continue
-        rows = (adapter_ids == adapter).nonzero().squeeze(1)
-        delta = delta.index_add(0, rows, (x[rows] @ lora_a[adapter].T) @ lora_b[adapter].T * scaling)
-    return delta
+        indices = [index for index, item in enumerate(names) if item == adapter]
+        lora_output = nn.functional.linear(nn.functional.linear(x[indices], lora_a[adapter]), lora_b[adapter]) * scaling
+        result[indices] += lora_output
+    return result
 
 
 def method(name):

@@ -1,11 +1,32 @@
 #include <pybind11/pybind11.h>
 
+#include "lora_cpu.h"
 #include "routing.h"
+
+namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "switchcit C++ core (CPU)";
-  m.def("sort_tokens_by_adapter", &switchcit::sort_tokens_by_adapter, pybind11::arg("adapter_ids"),
-        pybind11::arg("num_adapters"),
+  m.def("sort_tokens_by_adapter", &switchcit::sort_tokens_by_adapter, py::arg("adapter_ids"),
+        py::arg("num_adapters"),
         "Stable counting sort of token indices by adapter id (-1 = base-only, sorted last).\n"
         "Returns (sorted_token_ids int32 [T], offsets int32 [N + 2]).");
+
+  // The LoRA kernels take tensor.data_ptr() addresses (0 = absent) of contiguous, caller-validated
+  // tensors and run without the GIL. See csrc/lora_cpu.h for the contract.
+  m.def("lora_forward", &switchcit::lora_forward, py::arg("out"), py::arg("x"), py::arg("lora_a"),
+        py::arg("lora_b"), py::arg("sorted_token_ids"), py::arg("adapter_offsets"), py::arg("scaling"),
+        py::arg("ranks"), py::arg("shrunk"), py::arg("dtype"), py::arg("num_tokens"), py::arg("hidden"),
+        py::arg("out_features"), py::arg("num_adapters"), py::arg("max_rank"), py::arg("scale"),
+        py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+        "out[t] += s_a * B_a[:, :r_a] @ (A_a[:r_a] @ x[t]) for tokens with an adapter; optionally saves\n"
+        "shrunk[t] = A_a[:r_a] @ x[t] (float32 [T, R], zero-padded) for the backward.");
+  m.def("lora_backward", &switchcit::lora_backward, py::arg("grad_out"), py::arg("x"), py::arg("lora_a"),
+        py::arg("lora_b"), py::arg("shrunk"), py::arg("sorted_token_ids"), py::arg("adapter_offsets"),
+        py::arg("scaling"), py::arg("ranks"), py::arg("grad_x"), py::arg("grad_a"), py::arg("grad_b"),
+        py::arg("dtype"), py::arg("num_tokens"), py::arg("hidden"), py::arg("out_features"),
+        py::arg("num_adapters"), py::arg("max_rank"), py::arg("scale"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Gradients of lora_forward: grad_x += (accumulated), grad_a and grad_b = (float32, overwritten);\n"
+        "pass 0 for any gradient that is not needed.");
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from switchcit.library import traceable_op
 from switchcit.routing import _C, RoutingPlan
 
 Tensor = torch.Tensor
@@ -27,7 +28,7 @@ def _kernel_args(scaling: Tensor | None, ranks: Tensor | None) -> tuple[Tensor |
     return scaling32, ranks32
 
 
-@torch.library.custom_op("switchcit::cpp_lora_forward_", mutates_args=("out",), device_types="cpu")
+@traceable_op("switchcit::cpp_lora_forward_", mutates_args=("out",), device_types="cpu")
 def cpp_lora_forward_(
     out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, sorted_token_ids: Tensor, adapter_offsets: Tensor,
     scaling: Tensor | None, scale: float, ranks: Tensor | None, save: bool,
@@ -51,7 +52,7 @@ def _(out, x, lora_a, lora_b, sorted_token_ids, adapter_offsets, scaling, scale,
     return x.new_empty((x.shape[0], lora_a.shape[1]) if save else (0,), dtype=torch.float32)
 
 
-@torch.library.custom_op("switchcit::cpp_lora_backward", mutates_args=(), device_types="cpu")
+@traceable_op("switchcit::cpp_lora_backward", mutates_args=(), device_types="cpu")
 def cpp_lora_backward(
     grad_out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, shrunk: Tensor, sorted_token_ids: Tensor,
     adapter_offsets: Tensor, scaling: Tensor | None, scale: float, ranks: Tensor | None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from switchcit.library import traceable_op
 from switchcit.routing import RoutingPlan
 
 Tensor = torch.Tensor
@@ -19,7 +20,7 @@ def _schedule(sorted_token_ids, adapter_offsets, tile_adapter, tile_start, block
     return TileSchedule(sorted_token_ids, adapter_offsets, tile_adapter, tile_start, block_m)
 
 
-@torch.library.custom_op("switchcit::lora_shrink", mutates_args=())
+@traceable_op("switchcit::lora_shrink", mutates_args=())
 def lora_shrink(
     src: Tensor, weight: Tensor, sorted_token_ids: Tensor, adapter_offsets: Tensor, tile_adapter: Tensor,
     tile_start: Tensor, block_m: int, ranks: Tensor | None,
@@ -39,7 +40,7 @@ def _(src, weight, sorted_token_ids, adapter_offsets, tile_adapter, tile_start, 
     return src.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("switchcit::lora_expand_", mutates_args=("dst",))
+@traceable_op("switchcit::lora_expand_", mutates_args=("dst",))
 def lora_expand_(
     dst: Tensor, partial: Tensor, weight: Tensor, sorted_token_ids: Tensor, adapter_offsets: Tensor,
     tile_adapter: Tensor, tile_start: Tensor, block_m: int, scaling: Tensor | None, scale: float,
@@ -57,7 +58,7 @@ def _(dst, partial, weight, sorted_token_ids, adapter_offsets, tile_adapter, til
     return None
 
 
-@torch.library.custom_op("switchcit::lora_weight_grad_", mutates_args=("grad",))
+@traceable_op("switchcit::lora_weight_grad_", mutates_args=("grad",))
 def lora_weight_grad_(
     grad: Tensor, src: Tensor, partial: Tensor, sorted_token_ids: Tensor, adapter_offsets: Tensor,
     tile_adapter: Tensor, tile_start: Tensor, block_m: int, scaling: Tensor | None, scale: float,
