@@ -175,6 +175,8 @@ def _add_lora(call: _Call, out: torch.Tensor) -> None:
     plan = call.routing
     if not isinstance(plan, RoutingPlan):
         plan = build_routing_plan(plan, call.lora_a.shape[0], validate=False)  # checked in _prepare
+    if call.backend == "triton":
+        plan = plan.with_tiles()  # a no-op for CUDA plans; CPU plans (the interpreter) build it here
     args = (call.x, call.lora_a, call.lora_b, plan, call.scaling, call.scale, call.ranks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in args[:3]):
         out.add_(_LoraDelta.apply(kernels, *args).view(out.shape))
@@ -257,6 +259,13 @@ def _check_routing(adapter_ids, lead_shape, num_tokens: int, num_adapters: int, 
     return adapter_ids
 
 
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter (and change only in inference mode)
+        return None
+
+
 def _check_scaling(scaling, num_adapters: int, device: torch.device) -> tuple[float, torch.Tensor | None]:
     if isinstance(scaling, torch.Tensor):
         if not scaling.is_floating_point():
@@ -279,7 +288,7 @@ def _check_ranks(ranks, num_adapters: int, max_rank: int, device: torch.device) 
         raise ValueError(f"ranks must have shape [N={num_adapters}], got {tuple(ranks.shape)}")
     if ranks.device != device:
         raise ValueError(f"ranks is on {ranks.device} but x is on {device}")
-    checked = (ranks._version, max_rank)
+    checked = (_version(ranks), max_rank)
     if not num_adapters or getattr(ranks, "_switchcit_checked", None) == checked or not may_read_values(ranks):
         return
     low, high = (int(v) for v in torch.aminmax(ranks))

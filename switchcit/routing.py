@@ -5,7 +5,7 @@ Given per-token adapter ids (−1 = base model only), the plan holds
 * ``sorted_token_ids [T]``: token indices stably sorted by adapter, base-only tokens last;
 * ``adapter_offsets [N + 2]``: adapter ``a`` owns sorted positions
   ``adapter_offsets[a] : adapter_offsets[a + 1]`` (bucket ``N`` holds the base-only tokens);
-* a tile schedule for the kernels: tile ``i`` covers up to ``block_m`` sorted rows of adapter
+* a tile schedule for the Triton kernels: tile ``i`` covers up to ``block_m`` sorted rows of adapter
   ``tile_adapter[i]`` starting at ``tile_start[i]`` (``tile_adapter[i] = −1``: nothing to do).
 
 Every shape depends only on ``T``, ``N`` and ``block_m`` — never on the ids' values — so building
@@ -16,7 +16,7 @@ one partial tile); tiles past the real count are marked −1 and their programs 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,12 +46,19 @@ class RoutingPlan:
     token_adapter: torch.Tensor  # [T], the ids as given (flattened)
     sorted_token_ids: torch.Tensor  # int32 [T]
     adapter_offsets: torch.Tensor  # int32 [N + 2]
-    tile_adapter: torch.Tensor  # int32 [max_tiles], −1 = idle tile
-    tile_start: torch.Tensor  # int32 [max_tiles], first sorted row of the tile
+    tile_adapter: torch.Tensor | None  # int32 [max_tiles], −1 = idle tile (None: not built)
+    tile_start: torch.Tensor | None  # int32 [max_tiles], first sorted row of the tile
 
     @property
     def device(self) -> torch.device:
         return self.sorted_token_ids.device
+
+    def with_tiles(self) -> "RoutingPlan":
+        """This plan with its tile schedule (the Triton kernels need it, the CPU kernels do not)."""
+        if self.tile_adapter is not None:
+            return self
+        tile_adapter, tile_start = _tile_schedule(self.adapter_offsets, self.num_tokens, self.num_adapters, self.block_m)
+        return replace(self, tile_adapter=tile_adapter, tile_start=tile_start)
 
     def adapter_counts(self) -> torch.Tensor:
         """Tokens per adapter, ``[N]`` (on the plan's device; no sync)."""
@@ -91,8 +98,11 @@ def build_routing_plan(
     *,
     block_m: int | None = None,
     validate: bool = True,
+    tiles: bool | None = None,
 ) -> RoutingPlan:
-    """Build the routing plan for one forward. ``adapter_ids``: int32/int64, any shape (flattened)."""
+    """Build the routing plan for one forward. ``adapter_ids``: int32/int64, any shape (flattened).
+    ``tiles``: also build the tile schedule; by default only for CUDA ids (the CPU kernels walk the
+    adapter segments directly, and :meth:`RoutingPlan.with_tiles` adds it later if needed)."""
     if validate:
         check_adapter_ids(adapter_ids, num_adapters)
     ids = adapter_ids.reshape(-1)
@@ -108,17 +118,17 @@ def build_routing_plan(
     else:
         sorted_token_ids, adapter_offsets = _sort_tokens_by_adapter(ids, num_adapters)
 
-    tile_adapter, tile_start = _tile_schedule(adapter_offsets, num_tokens, num_adapters, block_m)
-    return RoutingPlan(
+    plan = RoutingPlan(
         num_tokens=num_tokens,
         num_adapters=num_adapters,
         block_m=block_m,
         token_adapter=ids,
         sorted_token_ids=sorted_token_ids,
         adapter_offsets=adapter_offsets,
-        tile_adapter=tile_adapter,
-        tile_start=tile_start,
+        tile_adapter=None,
+        tile_start=None,
     )
+    return plan.with_tiles() if (ids.is_cuda if tiles is None else tiles) else plan
 
 
 def _sort_tokens_by_adapter(ids: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ from switchcit import build_routing_plan, lora_linear
 
 def test_opcheck(generator):
     p = make_problem(generator, 21, 32, 24, 3, 8, device=DEVICE)
-    plan = build_routing_plan(p.adapter_ids, 3)
+    plan = build_routing_plan(p.adapter_ids, 3, tiles=True)
     routing = (plan.sorted_token_ids, plan.adapter_offsets, plan.tile_adapter, plan.tile_start, plan.block_m)
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     ops = torch.ops.switchcit
@@ -22,7 +22,7 @@ def test_opcheck(generator):
 
 def test_torch_compile_fullgraph(generator):
     p = make_problem(generator, 26, 40, 30, 4, 8, device=DEVICE)
-    plan = build_routing_plan(p.adapter_ids, 4)
+    plan = build_routing_plan(p.adapter_ids, 4, tiles=True)
 
     def layer(x, weight, bias, lora_a, lora_b, scaling, ranks):
         return torch.relu(lora_linear(x, weight, lora_a, lora_b, plan, scaling, bias=bias, ranks=ranks, backend="triton"))

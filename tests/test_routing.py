@@ -39,7 +39,7 @@ def test_cpp_sort_rejects_out_of_range_ids():
 @pytest.mark.parametrize("tokens,num_adapters,block_m", [(0, 4, 16), (1, 4, 16), (77, 6, 16), (500, 9, 64), (200, 0, 16), (40, 64, 32)])
 def test_plan_invariants(tokens, num_adapters, block_m, generator):
     ids = random_ids(generator, tokens, num_adapters) if num_adapters else torch.full((tokens,), -1)
-    plan = build_routing_plan(ids.to(DEVICE), num_adapters, block_m=block_m)
+    plan = build_routing_plan(ids.to(DEVICE), num_adapters, block_m=block_m, tiles=True)
     sorted_ids = plan.sorted_token_ids.cpu().long()
     offsets = plan.adapter_offsets.cpu().long()
 
@@ -69,9 +69,9 @@ def test_plan_invariants(tokens, num_adapters, block_m, generator):
 
 def test_cpu_plan_uses_cpp_and_matches_torch_path(generator, monkeypatch):
     ids = random_ids(generator, 333, 7)
-    fast = build_routing_plan(ids, 7)
+    fast = build_routing_plan(ids, 7, tiles=True)
     monkeypatch.setattr(routing, "_C", None)
-    plain = build_routing_plan(ids, 7)
+    plain = build_routing_plan(ids, 7, tiles=True)
     for field in ("sorted_token_ids", "adapter_offsets", "tile_adapter", "tile_start"):
         assert torch.equal(getattr(fast, field), getattr(plain, field)), field
 
@@ -94,3 +94,13 @@ def test_unchecked_plan_routes_out_of_range_ids_to_base():
     sorted_ids, offsets = sort_with_torch(torch.tensor([7, 0, -5, 1]), 2)
     assert offsets.tolist() == [0, 1, 2, 4]  # adapter 0: token 1, adapter 1: token 3, base: tokens 0, 2
     assert sorted_ids.tolist() == [1, 3, 0, 2]
+
+
+def test_tiles_are_built_on_demand(generator):
+    ids = random_ids(generator, 90, 5)
+    plan = build_routing_plan(ids, 5)
+    assert plan.tile_adapter is None, "CPU plans skip the tile schedule the CPU kernels do not use"
+    tiled = plan.with_tiles()
+    eager = build_routing_plan(ids, 5, tiles=True)
+    assert torch.equal(tiled.tile_adapter, eager.tile_adapter) and torch.equal(tiled.tile_start, eager.tile_start)
+    assert tiled.with_tiles() is tiled
