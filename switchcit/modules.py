@@ -30,11 +30,11 @@ class RoutingContext:
 
     def __init__(self, names: Sequence[str] = ()):
         self.names: list[str | None] = []  # None marks a removed adapter
-        for name in names:
-            self.add(name)
         self._sequence_ids: torch.Tensor | None = None
         self._routed_names: list[str] | None = None  # the adapter_names list the ids came from
         self._plans: dict[tuple, RoutingPlan] = {}
+        for name in names:
+            self.add(name)
 
     @property
     def num_adapters(self) -> int:

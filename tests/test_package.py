@@ -29,3 +29,26 @@ def test_kernels_import_as_subpackage():
 
     assert switchcit.kernels.__name__ == "switchcit.kernels"
     assert Path(switchcit.kernels.__file__).parent == ROOT / "kernels" or "site-packages" in switchcit.kernels.__file__
+
+
+def test_import_without_the_cpp_core_falls_back_with_one_warning():
+    """A missing switchcit._C: the library imports, warns once, and CPU ops use the torch backend."""
+    code = (
+        "import sys, warnings\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'switchcit._C': raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, switchcit\n"
+        "    from switchcit.ops import select_backend\n"
+        "    x = torch.randn(4, 8)\n"
+        "    y = switchcit.lora_delta(x, torch.randn(2, 3, 8), torch.randn(2, 5, 3), torch.tensor([0, 1, -1, 0]), 1.0)\n"
+        "ours = [w for w in caught if 'C++ core' in str(w.message)]\n"
+        "assert len(ours) == 1, [str(w.message) for w in caught]\n"
+        "assert select_backend(None, x) == 'torch' and y.shape == (4, 5)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
