@@ -62,45 +62,63 @@ SWITCHCIT_INLINE void store(BFloat16& dst, float value) {
 constexpr int kLanes = 16;             // columns per register block: one AVX-512 vector of float32
 constexpr int kTile = 8;               // rows per tile: tokens, ranks or output features
 constexpr int64_t kColumnBlock = 256;  // columns per (adapter, column block) task
+// Forward register blocks (accumulators + operands must fit the 32 vector registers): the shrink
+// dots kShrinkRanks rows of A with kShrinkRows tokens, the expand adds kTile tokens × kExpandWidth
+// output features.
+constexpr int kShrinkRows = 4, kShrinkRanks = 4;
+constexpr int kExpandWidth = 2 * kLanes;
 // Row stride of a transposed block of lora_b: an odd number of 64-byte lines, so that its rows fall
 // into different cache sets (with a power-of-two stride they would all share one and evict each other).
 constexpr int64_t kBlockStride = (kColumnBlock / kLanes | 1) * kLanes;
 
-// acc[j][l] += w[i0 + l] · v[j][i0 + l] for l < width.
-template <int kRows, typename W, typename V>
-SWITCHCIT_INLINE void accumulate_products(float (&acc)[kRows][kLanes], const W* w, const V* const* v,
-                                          int64_t i0, int width) {
-  for (int j = 0; j < kRows; ++j) {
+// acc[i][j][l] += w[i][i0 + l] · v[j][i0 + l] for l < width.
+template <int kWeights, int kRows, typename W, typename V>
+SWITCHCIT_INLINE void accumulate_products(float (&acc)[kWeights][kRows][kLanes], const W* const* w,
+                                          const V* const* v, int64_t i0, int width) {
+  for (int i = 0; i < kWeights; ++i)
+    for (int j = 0; j < kRows; ++j) {
 #pragma omp simd
-    for (int l = 0; l < width; ++l) acc[j][l] += to_float(w[i0 + l]) * to_float(v[j][i0 + l]);
-  }
+      for (int l = 0; l < width; ++l) acc[i][j][l] += to_float(w[i][i0 + l]) * to_float(v[j][i0 + l]);
+    }
 }
 
-// out[j * out_stride + k] = Σ_i weights[k * weight_stride + i] · vectors[j][i] for j < kRows, k < count:
-// each weight row is read once and dotted with all kRows vectors.
-template <int kRows, typename W, typename V>
+// out[j * out_stride + k] = Σ_i weights[k * weight_stride + i] · vectors[j][i] for j < kRows, k < count.
+// kWeights weight rows at a time are dotted with all kRows vectors: each vector block loaded serves
+// kWeights rows and each weight block kRows vectors, which keeps the loads below one per FMA.
+template <int kWeights, int kRows, typename W, typename V>
 SWITCHCIT_MULTIVERSION void dot_rows(const W* weights, int64_t weight_stride, int count,
                                      const V* const* vectors, int64_t len, float* out, int64_t out_stride) {
-  for (int k = 0; k < count; ++k) {
-    const W* row = weights + k * weight_stride;
-    float acc[kRows][kLanes] = {};
+  for (int k0 = 0; k0 < count; k0 += kWeights) {
+    // Past the last row, repeat it: a fixed block height keeps the accumulators in registers, and
+    // those results are dropped.
+    const W* rows[kWeights];
+    for (int i = 0; i < kWeights; ++i) rows[i] = weights + std::min(k0 + i, count - 1) * weight_stride;
+    float acc[kWeights][kRows][kLanes] = {};
     int64_t i0 = 0;
-    for (; i0 + kLanes <= len; i0 += kLanes) accumulate_products(acc, row, vectors, i0, kLanes);
-    accumulate_products(acc, row, vectors, i0, int(len - i0));
-    for (int j = 0; j < kRows; ++j) {
-      float sum = 0.0f;
-      for (int l = 0; l < kLanes; ++l) sum += acc[j][l];
-      out[j * out_stride + k] = sum;
-    }
+    for (; i0 + kLanes <= len; i0 += kLanes) accumulate_products(acc, rows, vectors, i0, kLanes);
+    accumulate_products(acc, rows, vectors, i0, int(len - i0));
+    for (int i = 0; i < kWeights && k0 + i < count; ++i)
+      for (int j = 0; j < kRows; ++j) {
+        float sum = 0.0f;
+        for (int l = 0; l < kLanes; ++l) sum += acc[i][j][l];
+        out[j * out_stride + k0 + i] = sum;
+      }
   }
 }
 
-// dst[j][i0 + l] += Σ_m coef(j, m) · src(m)[i0 + l] for j < kRows, l < width.
-template <int kRows, typename D, typename Coef, typename Src>
+// dst[j][i0 + l] += Σ_m coef(j, m) · src(m)[i0 + l] for j < kRows, l < width <= kWidth.
+template <int kRows, int kWidth, typename D, typename Coef, typename Src>
 SWITCHCIT_INLINE void combine_block(D* const* dst, int64_t i0, int width, int count, const Coef& coef,
                                     const Src& src) {
-  float acc[kRows][kLanes] = {};
-  for (int m = 0; m < count; ++m) {
+  // Started from the first product rather than from zeros (the same sums): zeroing a memory block first
+  // costs as much as a few products.
+  float acc[kRows][kWidth];
+  for (int j = 0; j < kRows; ++j) {
+    const float c = coef(j, 0);
+#pragma omp simd
+    for (int l = 0; l < width; ++l) acc[j][l] = c * to_float(src(0)[i0 + l]);
+  }
+  for (int m = 1; m < count; ++m) {
     const auto* row = src(m) + i0;
     for (int j = 0; j < kRows; ++j) {
       const float c = coef(j, m);
@@ -116,12 +134,13 @@ SWITCHCIT_INLINE void combine_block(D* const* dst, int64_t i0, int width, int co
 }
 
 // dst[j][i] += Σ_m coef(j, m) · src(m)[i] for j < kRows, i < len, m < count: each source row is read
-// once and added into all kRows destination rows.
-template <int kRows, typename D, typename Coef, typename Src>
+// once and added into all kRows destination rows, kWidth columns (a multiple of kLanes) at a time.
+template <int kRows, int kWidth = kLanes, typename D, typename Coef, typename Src>
 SWITCHCIT_MULTIVERSION void add_combination(D* const* dst, int64_t len, int count, Coef coef, Src src) {
   int64_t i0 = 0;
-  for (; i0 + kLanes <= len; i0 += kLanes) combine_block<kRows>(dst, i0, kLanes, count, coef, src);
-  if (i0 < len) combine_block<kRows>(dst, i0, int(len - i0), count, coef, src);
+  for (; i0 + kWidth <= len; i0 += kWidth) combine_block<kRows, kWidth>(dst, i0, kWidth, count, coef, src);
+  for (; i0 < len; i0 += kLanes)
+    combine_block<kRows, kLanes>(dst, i0, int(std::min<int64_t>(kLanes, len - i0)), count, coef, src);
 }
 
 // Calls fn(std::integral_constant<int, rows>) for 1 <= rows <= kTile: kernels get the tile height as a
@@ -146,7 +165,8 @@ struct Problem {
   float scale;
   int64_t hidden, out_features, num_adapters, max_rank;
 
-  int rank(int64_t adapter) const { return ranks ? ranks[adapter] : int(max_rank); }
+  // Clamped so that ranks not checked by the caller (graph capture, inference tensors) stay in bounds.
+  int rank(int64_t adapter) const { return ranks ? std::clamp(ranks[adapter], 0, int(max_rank)) : int(max_rank); }
   float scaling_of(int64_t adapter) const { return scaling ? scaling[adapter] : scale; }
   const T* a_rows(int64_t adapter) const { return lora_a + adapter * max_rank * hidden; }
   int token_count(int64_t adapter) const { return adapter_offsets[adapter + 1] - adapter_offsets[adapter]; }
@@ -198,6 +218,14 @@ int thread_index() {
 #endif
 }
 
+int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 // Runs fn(tile) for every token tile, in parallel.
 template <typename T, typename Fn>
 void for_each_tile(const Problem<T>& p, int threads, const Fn& fn) {
@@ -217,8 +245,8 @@ void for_each_column_block(const Problem<T>& p, int64_t len, int threads, const 
     fn(int32_t(task % p.num_adapters), (task / p.num_adapters) * kColumnBlock);
 }
 
-// Forward phase 1 for one tile: values_t = A_a x_t (saved to shrunk), then scaled by s_a in place.
-// `values` is [tokens with an adapter, R], by sorted position.
+// values_t = s_a A_a x_t for the tile's tokens (A_a x_t also saved to shrunk). `values` is [tokens with
+// an adapter, R], by sorted position. Tokens in blocks of kShrinkRows, ranks in blocks of kShrinkRanks.
 template <typename T>
 void shrink_tile(const Problem<T>& p, const Tile& tile, float* values, float* shrunk) {
   const int64_t hidden = p.hidden, max_rank = p.max_rank;
@@ -226,9 +254,12 @@ void shrink_tile(const Problem<T>& p, const Tile& tile, float* values, float* sh
   const T* x_rows[kTile];
   for (int j = 0; j < tile.count; ++j) x_rows[j] = p.x + p.sorted_token_ids[tile.begin + j] * hidden;
   float* tile_values = values + int64_t(tile.begin) * max_rank;
-  with_rows(tile.count, [&](auto height) {
-    dot_rows<height()>(p.a_rows(tile.adapter), hidden, rank, x_rows, hidden, tile_values, max_rank);
-  });
+  for (int j0 = 0; j0 < tile.count; j0 += kShrinkRows) {
+    with_rows<kShrinkRows>(std::min(kShrinkRows, tile.count - j0), [&](auto height) {
+      dot_rows<kShrinkRanks, height()>(p.a_rows(tile.adapter), hidden, rank, x_rows + j0, hidden,
+                                       tile_values + j0 * max_rank, max_rank);
+    });
+  }
   const float scaling = p.scaling_of(tile.adapter);
   for (int j = 0; j < tile.count; ++j) {
     float* row_values = tile_values + j * max_rank;
@@ -241,32 +272,32 @@ void shrink_tile(const Problem<T>& p, const Tile& tile, float* values, float* sh
   }
 }
 
-// Forward phase 2 for one (adapter, block of output features): out_t[o0 : o0 + kColumnBlock] +=
-// B_a[o0 : o0 + kColumnBlock, :r_a] values_t for the adapter's tokens, kTile tokens at a time. The
-// block of B_a is first transposed into `b_block` ([R, kBlockStride] float32), so that its rows run
-// over output features like out's.
+// out_t += B_a values_t for the tokens at sorted positions [begin, end), all of one adapter, a block
+// of kColumnBlock output features at a time. Each block of B_a is first transposed into `b_block`
+// ([R, kBlockStride] float32, small enough to stay in L1), so that its rows run over output features
+// like out's, and then serves every tile.
 template <typename T>
-void expand_block(const Problem<T>& p, const float* values, T* out, int32_t adapter, int64_t o0,
-                  float* b_block) {
+void expand_run(const Problem<T>& p, const float* values, T* out, int32_t adapter, int32_t begin, int32_t end,
+                float* b_block) {
   const int64_t out_features = p.out_features, max_rank = p.max_rank;
   const int rank = p.rank(adapter);
-  if (rank == 0 || p.token_count(adapter) == 0) return;  // rank 0: leave out's rows bitwise as they are
-  const int64_t width = std::min(kColumnBlock, out_features - o0);
-  const T* b = p.lora_b + (adapter * out_features + o0) * max_rank;
-  for (int64_t o = 0; o < width; ++o)
-    for (int k = 0; k < rank; ++k) b_block[k * kBlockStride + o] = to_float(b[o * max_rank + k]);
-
-  const int32_t end = p.adapter_offsets[adapter + 1];
-  for (int32_t begin = p.adapter_offsets[adapter]; begin < end; begin += kTile) {
-    const int rows = std::min(kTile, end - begin);
-    T* out_rows[kTile];
-    for (int j = 0; j < rows; ++j) out_rows[j] = out + p.sorted_token_ids[begin + j] * out_features + o0;
-    const float* tile_values = values + int64_t(begin) * max_rank;
-    with_rows(rows, [&](auto height) {
-      add_combination<height()>(
-          out_rows, width, rank, [=](int j, int k) { return tile_values[j * max_rank + k]; },
-          [=](int k) { return b_block + k * kBlockStride; });
-    });
+  if (rank == 0) return;  // leave out's rows bitwise as they are
+  for (int64_t o0 = 0; o0 < out_features; o0 += kColumnBlock) {
+    const int64_t width = std::min(kColumnBlock, out_features - o0);
+    const T* b = p.lora_b + (adapter * out_features + o0) * max_rank;
+    for (int64_t o = 0; o < width; ++o)
+      for (int k = 0; k < rank; ++k) b_block[k * kBlockStride + o] = to_float(b[o * max_rank + k]);
+    for (int32_t tile = begin; tile < end; tile += kTile) {
+      const int rows = std::min(kTile, end - tile);
+      T* out_rows[kTile];
+      for (int j = 0; j < rows; ++j) out_rows[j] = out + p.sorted_token_ids[tile + j] * out_features + o0;
+      const float* tile_values = values + int64_t(tile) * max_rank;
+      with_rows(rows, [&](auto height) {
+        add_combination<height(), kExpandWidth>(
+            out_rows, width, rank, [=](int j, int k) { return tile_values[j * max_rank + k]; },
+            [=](int k) { return b_block + k * kBlockStride; });
+      });
+    }
   }
 }
 
@@ -360,15 +391,33 @@ void grad_b_block(const Problem<T>& p, const T* grad_out, const float* shrunk, f
 
 template <typename T>
 void forward_impl(const Problem<T>& p, T* out, float* shrunk, int threads) {
-  // Phase 1, over token tiles: s_a A_a x_t into `values`. Phase 2, over (adapter, output block)
-  // tasks: the expand, with each block of lora_b converted once rather than once per thread.
-  std::vector<float> values(int64_t(p.adapter_offsets[p.num_adapters]) * p.max_rank);
-  for_each_tile(p, threads, [&](const Tile& tile) { shrink_tile(p, tile, values.data(), shrunk); });
+  // Each thread takes a contiguous run of token tiles (an equal share of the tokens) and does both
+  // the shrink and the expand of them: tiles own their rows of out, so there is no second pass and no
+  // barrier. The run is sorted by adapter: the expand goes one adapter at a time, so that each block
+  // of B_a is converted once per thread.
+  const std::vector<Tile> tiles = make_tiles(p.adapter_offsets, p.num_adapters);
+  const int64_t routed = p.adapter_offsets[p.num_adapters];
+  std::vector<float> values(routed * p.max_rank);
   const int64_t b_block_size = p.max_rank * kBlockStride;
   std::vector<float> b_blocks(threads * b_block_size);
-  for_each_column_block(p, p.out_features, threads, [&](int32_t adapter, int64_t o0) {
-    expand_block(p, values.data(), out, adapter, o0, b_blocks.data() + thread_index() * b_block_size);
-  });
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t thread = thread_index(), team = team_size();
+    const auto owned = [&](const Tile& tile) { return tile.begin * team / routed == thread; };
+    for (size_t i = 0; i < tiles.size();) {
+      if (!owned(tiles[i])) {
+        ++i;
+        continue;
+      }
+      // tiles[i, next): this thread's tiles of one adapter.
+      size_t next = i;
+      for (; next < tiles.size() && owned(tiles[next]) && tiles[next].adapter == tiles[i].adapter; ++next)
+        shrink_tile(p, tiles[next], values.data(), shrunk);
+      expand_run(p, values.data(), out, tiles[i].adapter, tiles[i].begin,
+                 tiles[next - 1].begin + tiles[next - 1].count, b_blocks.data() + thread * b_block_size);
+      i = next;
+    }
+  }
 }
 
 template <typename T>
