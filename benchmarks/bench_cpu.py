@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import REPO, run_metadata
+from common import REPO, median_ms, run_metadata
 from torch import nn
 
 from switchcit.ops import lora_delta
@@ -53,16 +51,6 @@ def method(name):
     if name == "peft_loop":
         return peft_loop
     return lambda x, a, b, ids, scaling: lora_delta(x, a, b, ids, scaling, backend=name)
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
 
 
 def main(argv=None) -> None:

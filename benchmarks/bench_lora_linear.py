@@ -49,16 +49,13 @@ import json
 import math
 import re
 import statistics
-import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.testing
 
-from common import REPO, run_metadata
+from common import REPO, median_ms, run_metadata
 
 from switchcit.ops import lora_linear
 from switchcit.reference import lora_delta_reference
@@ -198,18 +195,6 @@ EAGER_ONLY = {"peft_loop"}  # host syncs cannot be captured in a CUDA graph
 MAY_FAIL = {"grouped_mm"}  # device, dtype and layout limits vary with the torch build
 
 
-def time_fn(fn: Callable[[], object], on_cuda: bool) -> float:
-    """Median time of ``fn`` in µs. On CPU the correctness check has already run it once (warm-up)."""
-    if on_cuda:
-        return triton.testing.do_bench(fn, return_mode="median") * 1e3
-    samples = []
-    for _ in range(SMOKE_REPS):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e6
-
-
 def capture_graph(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Capture one call of ``fn``; returns the graph and its static output."""
     side = torch.cuda.Stream()
@@ -240,7 +225,7 @@ def measure(label: str, fn: Callable[[], torch.Tensor], mode: str, ref: torch.Te
     else:
         out, run = fn(), fn
     error = checked_error(f"{label} {mode}", out, ref, bound)
-    return {"us": time_fn(run, ref.is_cuda), "max_abs_err": error}
+    return {"us": median_ms(run, SMOKE_REPS, ref.is_cuda) * 1e3, "max_abs_err": error}
 
 
 def run_row(shape: Shape, bank: Bank, workload: str, num_tokens: int, modes: tuple[str, ...]) -> dict:

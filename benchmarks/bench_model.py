@@ -46,14 +46,12 @@ import argparse
 import contextlib
 import json
 import re
-import statistics
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from common import REPO, run_metadata
+from common import REPO, median_ms, run_metadata
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -217,21 +215,6 @@ class CapturedForward:
         return self.out
 
 
-def median_ms(fn: Callable[[], object], on_cuda: bool, repeats: int) -> float:
-    """Median ms per call (do_bench warms up itself; on CPU the first calls of a row are slower too)."""
-    if on_cuda:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, return_mode="median")
-    fn()  # a second warm-up after the call that produced the checked logits
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
-
-
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -320,7 +303,7 @@ class BatchRun:
             entry = self.check.setdefault(method, {"reference": f"{reference} eager", "bound": self.bound(reference)})
             label = f"{self.batch.name} {method} {mode}"
             entry[mode] = checked_diff(label, logits, self.eager_logits[reference], entry["bound"])
-        return {"ms": median_ms(run, self.on_cuda, self.sweep.repeats)}
+        return {"ms": median_ms(run, self.sweep.repeats, self.on_cuda)}
 
 
 # --------------------------------------------------------------------------------------------------

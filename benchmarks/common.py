@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import subprocess
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,3 +45,19 @@ def run_metadata(device: torch.device) -> dict:
         "python": platform.python_version(),
         "git_commit": git_commit(),
     }
+
+
+def median_ms(fn: Callable[[], object], repeats: int, on_cuda: bool = False) -> float:
+    """Median milliseconds per call: ``triton.testing.do_bench`` on CUDA (it warms up itself), else
+    ``time.perf_counter`` over ``repeats`` calls after one warm-up call."""
+    if on_cuda:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, return_mode="median")
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3

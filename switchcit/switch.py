@@ -19,7 +19,6 @@ Feature sources (``feature=``):
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 

@@ -1,6 +1,5 @@
 """Hugging Face / PEFT integration on tiny random models: accelerated PEFT layers give PEFT's own
 outputs (logits, greedy generate), restore undoes it, and adapter banks round-trip PEFT folders."""
-import copy
 import warnings
 
 import pytest
@@ -9,7 +8,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import switchcit  # noqa: E402
 from switchcit.hf import accelerate, load_adapters, restore, route, routing_context, save_adapter  # noqa: E402
 from switchcit.modules import MultiLoraLinear  # noqa: E402
 
