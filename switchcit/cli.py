@@ -46,10 +46,14 @@ def _backends(device: str) -> list[str]:
     import importlib.util
     import os
 
-    has_triton = importlib.util.find_spec("triton") is not None
-    if has_triton and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-        return ["torch", "triton"]
-    return ["torch"]
+    from switchcit.cpp_ops import HAS_CPP_KERNELS
+
+    backends = ["torch"]
+    if device == "cpu" and HAS_CPP_KERNELS:
+        backends.append("cpp")
+    if importlib.util.find_spec("triton") is not None and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        backends.append("triton")
+    return backends
 
 
 def main(argv: list[str] | None = None) -> None:
