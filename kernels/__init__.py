@@ -8,8 +8,9 @@ from .lora import (
     pick_config,
     shrink_partial_shape,
 )
+from .switch import fused_switch_route
 
 __all__ = [
     "TileSchedule", "LoraKernelConfig", "pick_config", "shrink_partial_shape",
-    "lora_shrink", "lora_expand", "lora_weight_grad",
+    "lora_shrink", "lora_expand", "lora_weight_grad", "fused_switch_route",
 ]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Switch", "pool_features"]
+__all__ = ["Switch", "pool_features", "route_reference"]
 
 SWITCH_WEIGHTS = "switch.safetensors"
 SWITCH_CONFIG = "switch.json"
@@ -40,6 +40,19 @@ def pool_features(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) 
     positions = torch.arange(hidden.shape[1], device=hidden.device)
     last = (attention_mask.bool() * positions).amax(1)  # the last position whose mask is 1
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def route_reference(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, feature_mean: torch.Tensor, feature_scale: torch.Tensor,
+    mlp: nn.Module, task_to_adapter: torch.Tensor, min_probability: float, pool: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch spec of the fused kernel (``switchcit.kernels.fused_switch_route``):
+    ``(adapter id per sequence [B], per token [B, S])``, −1 where the best task's probability is
+    below ``min_probability``."""
+    features = pool_features(hidden.float(), attention_mask, pool)
+    probability, task = torch.softmax(mlp((features - feature_mean) / feature_scale), dim=1).max(1)
+    ids = torch.where(probability >= min_probability, task_to_adapter.long()[task], -1).to(torch.int32)
+    return ids, ids[:, None].expand(hidden.shape[0], hidden.shape[1])
 
 
 class Switch:
