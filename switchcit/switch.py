@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Switch", "pool_features", "route_reference"]
+__all__ = ["Switch", "SwitchModel", "pool_features", "route_reference"]
 
 SWITCH_WEIGHTS = "switch.safetensors"
 SWITCH_CONFIG = "switch.json"
@@ -251,3 +251,63 @@ def _encode(prompts: list[str], encoder, tokenizer, feature: str, batch_size: in
         layer = int(feature[6:]) if feature.startswith("layer:") else -1
         chunks.append(pool_features(hidden[layer], mask, "mean" if feature == "mean" else "last"))
     return torch.cat(chunks).float().cpu() if chunks else torch.zeros(0, encoder.config.hidden_size)
+
+
+class SwitchModel:
+    """Base model + adapter bank + switch: routes every prompt to its task's adapter and generates the
+    whole mixed batch together (prompt → switch → routing plan → adapter-bank layers → output).
+
+    ``model`` carries an adapter bank (:func:`switchcit.load_adapters`); the switch's encoder may be
+    the base model itself — it then reads features with every token routed to the base.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, switch: Switch | None = None):
+        from switchcit.hf import routing_context
+
+        self.model, self.tokenizer, self.switch = model.eval(), tokenizer, switch
+        self.context = routing_context(model)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @classmethod
+    def from_pretrained(cls, base: str | Path, adapters: dict[str, str | Path], switch: str | Path | None = None) -> "SwitchModel":
+        """Base model folder + PEFT adapter folders ``{"task": path}`` + an optional saved switch
+        (whose encoder becomes the base model itself)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from switchcit.hf import load_adapters
+
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = load_adapters(AutoModelForCausalLM.from_pretrained(base), adapters)
+        loaded = Switch.load(switch, encoder=model, tokenizer=tokenizer) if switch is not None else None
+        return cls(model, tokenizer, loaded)
+
+    def route(self, prompts: Sequence[str]) -> list[str | None]:
+        """The switch's task for each prompt (``None``: base model)."""
+        if self.switch is None:
+            raise ValueError("this SwitchModel has no switch: pass tasks= to generate")
+        self.context.route(None)  # features come from the base model, whatever the encoder is
+        return self.switch.route(prompts)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], tasks: Sequence[str | None] | None = None, *,
+                 max_new_tokens: int = 64, chat: bool = True, **generate_kwargs) -> tuple[list[str], list[str | None]]:
+        """Generate for all prompts in one mixed batch; returns ``(texts, task per prompt)``. Tasks the
+        bank has no adapter for, and ``None``, use the base model."""
+        prompts = list(prompts)
+        tasks = self.route(prompts) if tasks is None else list(tasks)
+        if len(tasks) != len(prompts):
+            raise ValueError(f"{len(tasks)} tasks for {len(prompts)} prompts")
+        known = set(n for n in self.context.names if n is not None)
+        self.context.route([t if t in known else None for t in tasks], device=next(self.model.parameters()).device)
+        texts = [self._chat(p) for p in prompts] if chat and self.tokenizer.chat_template else prompts
+        self.tokenizer.padding_side = "left"  # new tokens follow every prompt directly
+        inputs = self.tokenizer(texts, return_tensors="pt", padding=True).to(next(self.model.parameters()).device)
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), tasks
+
+    def _chat(self, prompt: str) -> str:
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)

@@ -63,3 +63,37 @@ def test_switch_rejects_bad_input(encoder):
         Switch.train(["a", "b"], ["x"], encoder=encoder)
     with pytest.raises(ValueError, match="unknown feature"):
         Switch.train(["a"], ["x"], encoder=encoder, feature="cls")
+
+
+def test_switch_model_routes_and_generates_a_mixed_batch(encoder, tmp_path):
+    """Prompts of two tasks and an unknown one, routed by the switch (encoder: the base model itself),
+    generate exactly what PEFT generates with those adapters named explicitly."""
+    peft = pytest.importorskip("peft")
+    from switchcit.switch import SwitchModel
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(encoder)
+    peft_model = None
+    for task in ("haiku", "simplify"):
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        peft_model = peft.get_peft_model(base, config, adapter_name=task) if peft_model is None else peft_model
+        if task not in peft_model.peft_config:
+            peft_model.add_adapter(task, config)
+    peft_model.save_pretrained(tmp_path / "adapters")
+
+    model = SwitchModel.from_pretrained(encoder, {t: tmp_path / "adapters" / t for t in ("haiku", "simplify")})
+    prompts = [p for task in ("haiku", "simplify") for p in prompts_of(task, TOPICS[:4])]
+    labels = [task for task in ("haiku", "simplify") for _ in range(12)]
+    model.switch = Switch.train(prompts, labels, encoder=model.model, tokenizer=model.tokenizer, epochs=30)
+
+    batch = prompts_of("simplify", TOPICS[6:7])[:2] + prompts_of("haiku", TOPICS[7:8])[:2]
+    texts, tasks = model.generate(batch, max_new_tokens=6)
+    assert tasks == ["simplify", "simplify", "haiku", "haiku"]
+    texts_base, _ = model.generate(batch, tasks=[None] * 4, max_new_tokens=6)
+    assert texts != texts_base, "adapters change the answers"
+
+    tokenizer = model.tokenizer
+    chats = [model._chat(p) for p in batch]
+    inputs = tokenizer(chats, return_tensors="pt", padding=True)
+    expected = peft_model.eval().generate(**inputs, adapter_names=tasks, max_new_tokens=6, do_sample=False,
+                                          pad_token_id=tokenizer.pad_token_id)
+    assert texts == tokenizer.batch_decode(expected[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
