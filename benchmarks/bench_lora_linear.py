@@ -55,7 +55,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from common import REPO, median_ms, run_metadata
+from common import REPO, capture, median_ms, run_metadata, warm_up
 
 from switchcit.ops import lora_linear
 from switchcit.reference import lora_delta_reference
@@ -195,20 +195,6 @@ EAGER_ONLY = {"peft_loop"}  # host syncs cannot be captured in a CUDA graph
 MAY_FAIL = {"grouped_mm"}  # device, dtype and layout limits vary with the torch build
 
 
-def capture_graph(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Capture one call of ``fn``; returns the graph and its static output."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up off the default stream: Triton compiles, cuBLAS picks kernels
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 def checked_error(label: str, out: torch.Tensor, ref: torch.Tensor, bound: float) -> float:
     error = (out.double() - ref).abs().max().item()
     if not error <= bound:  # also catches NaN
@@ -219,7 +205,8 @@ def checked_error(label: str, out: torch.Tensor, ref: torch.Tensor, bound: float
 def measure(label: str, fn: Callable[[], torch.Tensor], mode: str, ref: torch.Tensor, bound: float) -> dict:
     """Check one method in one mode against the reference, then time it."""
     if mode == "graph":
-        graph, out = capture_graph(fn)
+        warm_up(fn)
+        graph, out = capture(fn)
         graph.replay()
         run = graph.replay
     else:

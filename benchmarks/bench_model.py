@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from common import REPO, median_ms, run_metadata
+from common import REPO, capture, median_ms, run_metadata, warm_up
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -197,18 +197,11 @@ class CapturedForward:
     """``fn`` captured once in a CUDA graph on its static inputs; ``replay()`` reruns it into ``out``."""
 
     def __init__(self, fn: Callable[[], torch.Tensor], batch: Batch):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up off the default stream: Triton compiles, cuBLAS picks kernels
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
+        warm_up(fn)
         # The captured decode step reads the K/V tensors the cache holds now and leaves the cache pointing
         # at its own output: keep them alive, or every replay would read freed memory.
         self._kv_read = batch.kv_tensors()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn()
+        self.graph, self.out = capture(fn)
 
     def replay(self) -> torch.Tensor:
         self.graph.replay()

@@ -61,3 +61,22 @@ def median_ms(fn: Callable[[], object], repeats: int, on_cuda: bool = False) -> 
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples) * 1e3
+
+
+def warm_up(fn: Callable[[], object], calls: int = 3) -> None:
+    """Run ``fn`` off the default stream before a CUDA-graph capture: Triton compiles, cuBLAS picks
+    its kernels, and nothing of that is recorded."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def capture(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Capture one call of a warmed-up ``fn``; returns the graph and its static output."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
