@@ -124,8 +124,8 @@ def _accelerated_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     result = self.base_layer(x, *args, **kwargs)
     context = bank.context
     context.route_names(adapter_names if adapter_names is not None else self.active_adapters, x.device)
+    lora_a, lora_b, ranks, scaling = bank.stacked(x.dtype)  # may add adapter names: plan after it
     plan = context.plan_for(x)
-    lora_a, lora_b, ranks, scaling = bank.stacked(x.dtype)
     if plan is None or lora_a.shape[1] == 0:
         return result
     if result.dtype == x.dtype:

@@ -103,7 +103,7 @@ def test_accelerate_is_idempotent_and_restore_gives_peft_back(generator):
 def test_adapter_added_after_accelerate(generator):
     model = accelerate(with_adapters(tiny_llama(), ADAPTERS[:2]))
     model.add_adapter("haiku", peft.LoraConfig(r=2, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False))
-    accelerate(model)  # the new layers' adapters join the bank (also without this call)
+    # No second accelerate(): the new adapter joins the bank on the next forward.
     input_ids, mask = batch(generator)
     with torch.no_grad():
         got = model(input_ids=input_ids, attention_mask=mask, adapter_names=NAMES).logits
@@ -217,3 +217,16 @@ def test_real_smollm2_mixed_batch_and_generate(smollm2_folder):
     # fp32 sums in another order over 30 layers: bound the error by the logits' scale.
     assert (got - expected).abs().max() <= 2e-5 * expected.abs().max()
     assert torch.equal(got_tokens, expected_tokens)
+
+
+def test_plain_forward_after_an_adapter_is_added(generator):
+    """A new adapter that no routing names yet still grows every bank; plans follow the new size."""
+    model = accelerate(with_adapters(tiny_llama(), ADAPTERS[:2]))
+    input_ids, mask = batch(generator)
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=mask)  # plans cached for two adapters
+        model.add_adapter("haiku", peft.LoraConfig(r=2, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False))
+        got = model(input_ids=input_ids, attention_mask=mask).logits  # active adapter: simplify
+        restore(model)
+        expected = model(input_ids=input_ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
