@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Switch", "SwitchModel", "pool_features", "route_reference"]
+__all__ = ["Switch", "SwitchModel", "encode_features", "pool_features", "route_reference"]
 
 SWITCH_WEIGHTS = "switch.safetensors"
 SWITCH_CONFIG = "switch.json"
@@ -236,21 +236,34 @@ def _load_encoder(encoder, tokenizer):
 
 
 @torch.no_grad()
-def _encode(prompts: list[str], encoder, tokenizer, feature: str, batch_size: int = 32) -> torch.Tensor:
-    """Pooled float32 features ``[len(prompts), D]`` of the frozen encoder."""
+def encode_features(prompts: Sequence[str], encoder, tokenizer, features: Sequence[str] = ("last_token",),
+                    batch_size: int = 32, max_length: int = 512) -> dict[str, torch.Tensor]:
+    """Pooled float32 features ``{feature: [len(prompts), D]}`` of the frozen encoder, every feature
+    source from one pass. Prompts are batched by length (less padding), results in input order."""
+    for feature in features:
+        _check_feature(feature)
     device = next(encoder.parameters()).device
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        inputs = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
-                           truncation=True, max_length=256).to(device)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    needs_transformer = any(f != "embeddings" for f in features)
+    chunks: dict[str, list[torch.Tensor]] = {f: [] for f in features}
+    for start in range(0, len(order), batch_size):
+        batch = [prompts[i] for i in order[start : start + batch_size]]
+        inputs = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
         mask = inputs["attention_mask"]
-        if feature == "embeddings":
-            chunks.append(pool_features(encoder.get_input_embeddings()(inputs["input_ids"]), mask, "mean"))
-            continue
-        hidden = encoder(**inputs, output_hidden_states=True).hidden_states
-        layer = int(feature[6:]) if feature.startswith("layer:") else -1
-        chunks.append(pool_features(hidden[layer], mask, "mean" if feature == "mean" else "last"))
-    return torch.cat(chunks).float().cpu() if chunks else torch.zeros(0, encoder.config.hidden_size)
+        hidden = encoder(**inputs, output_hidden_states=True).hidden_states if needs_transformer else None
+        for feature in features:
+            if feature == "embeddings":
+                pooled = pool_features(encoder.get_input_embeddings()(inputs["input_ids"]), mask, "mean")
+            else:
+                layer = int(feature[6:]) if feature.startswith("layer:") else -1
+                pooled = pool_features(hidden[layer], mask, "mean" if feature == "mean" else "last")
+            chunks[feature].append(pooled.float().cpu())
+    inverse = torch.argsort(torch.tensor(order, dtype=torch.long))
+    return {f: torch.cat(c)[inverse] if c else torch.zeros(0, encoder.config.hidden_size) for f, c in chunks.items()}
+
+
+def _encode(prompts: list[str], encoder, tokenizer, feature: str) -> torch.Tensor:
+    return encode_features(prompts, encoder, tokenizer, (feature,))[feature]
 
 
 class SwitchModel:
@@ -281,6 +294,15 @@ class SwitchModel:
         model = load_adapters(AutoModelForCausalLM.from_pretrained(base), adapters)
         loaded = Switch.load(switch, encoder=model, tokenizer=tokenizer) if switch is not None else None
         return cls(model, tokenizer, loaded)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> "SwitchModel":
+        """Everything a finished run left for serving (``RUN_DIR`` or ``RUN_DIR/switchcit``; see
+        :mod:`switchcit.runs`)."""
+        from switchcit.runs import read_run
+
+        run = read_run(run_dir)
+        return cls.from_pretrained(run.base, run.adapters, run.switch)
 
     def route(self, prompts: Sequence[str]) -> list[str | None]:
         """The switch's task for each prompt (``None``: base model)."""

@@ -1,0 +1,97 @@
+"""Task data: JSONL task folders (``<folder>/{train,test}.jsonl``), retained samples, and real offline
+dialogues from ``chatterbot-corpus`` (an unseen task for the switch, or a default task stream).
+
+One example per JSONL line with at least ``prompt`` and ``target``; ``references`` (all reference
+outputs), ``source`` (simplification: the original sentence) and ``label`` (Yes/No tasks) are used by
+the metrics when present. ``fields`` maps these names onto other datasets' column names.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Example", "load_task", "retained_sample", "chatterbot_dialogues"]
+
+FIELDS = ("prompt", "target", "references", "source", "label")
+
+
+@dataclass
+class Example:
+    task: str
+    prompt: str
+    target: str
+    references: list[str] = field(default_factory=list)
+    source: str | None = None
+    label: str | None = None
+
+
+def load_task(folder: str | Path, split: str = "train", fields: Mapping[str, str] | None = None,
+              limit: int | None = None) -> list[Example]:
+    """The examples of ``<folder>/<split>.jsonl``; the task is named after the folder. ``fields`` maps
+    our names (prompt, target, references, source, label) to the file's keys. Clear errors for a missing
+    folder or file, an empty file, an unknown field name, or a line missing a needed key."""
+    folder = Path(folder)
+    fields = dict(fields or {})
+    unknown = set(fields) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"unknown field name(s) {sorted(unknown)} in the field mapping; known: {', '.join(FIELDS)}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"task folder {folder} does not exist")
+    path = folder / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"task folder {folder} has no {split}.jsonl")
+    key = {name: fields.get(name, name) for name in FIELDS}
+    examples = []
+    with path.open() as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            missing = [key[n] for n in ("prompt", "target") if key[n] not in row]
+            if missing:
+                raise ValueError(f"{path}:{number} has no {' or '.join(map(repr, missing))} field")
+            target = str(row[key["target"]])
+            examples.append(Example(
+                task=folder.name, prompt=str(row[key["prompt"]]), target=target,
+                references=[str(r) for r in row.get(key["references"], [target])],
+                source=row.get(key["source"]), label=row.get(key["label"]),
+            ))
+            if limit is not None and len(examples) >= limit:
+                break
+    if not examples:
+        raise ValueError(f"{path} has no examples")
+    return examples
+
+
+def retained_sample(items: Sequence, fraction: float, seed: int = 0) -> list:
+    """``round(fraction · len)`` items (at least one), drawn without replacement. Samples of one seed
+    are nested: a smaller fraction keeps a subset of what a larger one keeps."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"the retained fraction must be in (0, 1], got {fraction}")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in order[: max(1, round(fraction * len(items)))]]
+
+
+def chatterbot_dialogues(categories: Sequence[str] | None = None, language: str = "english") -> dict[str, list[tuple[str, str]]]:
+    """``{category: [(utterance, reply), ...]}`` from chatterbot-corpus's YAML files (real dialogues,
+    offline). Multi-turn conversations give one pair per consecutive turn."""
+    try:
+        import chatterbot_corpus
+        import yaml
+    except ImportError as err:
+        raise ImportError("chatterbot-corpus and PyYAML are needed: pip install chatterbot-corpus") from err
+    folder = Path(chatterbot_corpus.__file__).parent / "data" / language
+    dialogues = {}
+    for path in sorted(folder.glob("*.yml")):
+        if categories is not None and path.stem not in categories:
+            continue
+        pairs = []
+        for conversation in yaml.safe_load(path.read_text())["conversations"]:
+            turns = [str(turn).strip() for turn in conversation if isinstance(turn, (str, int, float))]
+            pairs += [(a, b) for a, b in zip(turns, turns[1:]) if a and b]
+        dialogues[path.stem] = pairs
+    return dialogues
