@@ -269,7 +269,8 @@ def results_dict(method: str, tasks: Sequence[str], matrix: Sequence[Sequence[fl
                  baseline: Sequence[float | None] | None = None,
                  switch_accuracy: Sequence[float | None] | None = None) -> dict:
     """The ``results.json`` record of one method: task order, main metric per task, score matrix,
-    baseline, the continual metrics and the switch accuracy per stage (None when not routed)."""
+    baseline, the continual metrics and the switch accuracy per stage in percent (None when the method
+    does not route)."""
     if len(tasks) != len(matrix):
         raise ValueError(f"{len(tasks)} task names for a score matrix of {len(matrix)} stages")
     if switch_accuracy is not None and len(switch_accuracy) != len(tasks):
