@@ -4,21 +4,22 @@ forgetting) over the score matrix ``R[t][i]`` = score on task ``i`` after traini
 Every task score is on a 0–100 scale. ``results_dict`` builds what the training loop writes to
 ``RUN_DIR/<method>/results.json`` and :mod:`switchcit.report` reads.
 
-SARI (Xu et al., 2016) follows the reference ``SARI.py`` as corrected by tensor2tensor and Hugging Face
-``evaluate`` — the implementation behind the published values (e.g. the metric card's 26.95):
+SARI (Xu et al., 2016) is computed as EASSE does (the library of the ASSET authors), with deletion
+scored by precision as in the paper (EASSE's ``corpus_sari(..., use_f1_for_deletion=False)``):
 
-* text is lowercased and tokenised with sacrebleu's 13a tokenizer, as EASSE and ``evaluate`` do;
-* for n = 1..4: F1 of added n-grams (distinct n-grams, as sets), F1 of kept n-grams and precision of
-  deleted n-grams; kept and deleted counts are weighted by the number of references r (source and
-  prediction counts are multiplied by r and compared with the pooled reference counts, so an n-gram
-  that k of r references keep counts k/r);
-* keep recall is Σ correct / Σ kept-by-references (the paper's formula; ``SARI.py`` averaged ratios);
-* 0/0 counts as 1 (nothing to add and nothing added is perfect), so a prediction equal to its
-  references scores 100. An n-gram order that no sentence reaches is vacuously perfect, which lifts
-  the scores of sentences shorter than four tokens.
+* text is lowercased and tokenised with sacrebleu's 13a tokenizer;
+* for n = 1..4, three operations on n-grams: *add* (in the prediction, not in the source; distinct
+  n-grams), *keep* and *delete* (counted with multiplicity and weighted by the number r of references:
+  source and prediction counts are multiplied by r and compared with the pooled reference counts, so
+  an n-gram that k of r references keep counts k/r). An operation is correct where the references
+  do it too; precision = correct / done by the prediction, recall = correct / done by the references;
+* per order: F1 of add, F1 of keep, precision of delete; each averaged over n; SARI = their mean;
+* 0/0 counts as 0 (as in EASSE and Xu's ``SARI.py``): an unchanged sentence scores only on keep
+  (at most 33.3), so copying the source is not rewarded.
 
-``corpus_sari`` is the mean of the sentence scores (as ``evaluate`` does); EASSE's ``corpus_sari``
-pools n-gram counts over the corpus instead, so its numbers are not directly comparable.
+``corpus_sari`` pools the counts of all sentences before the ratios (EASSE's corpus level);
+``sari`` is the same on one sentence. Hugging Face ``evaluate`` instead averages sentence scores
+and counts 0/0 as 1 — a copy of the source then scores above the human references on ASSET.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 
+import numpy as np
+
 from switchcit.data import Example
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
 ]
 
 SARI_MAX_ORDER = 4
+ADD, KEEP, DELETE = range(3)  # SARI's operations, an axis of the n-gram counts
 
 
 # --- SARI -------------------------------------------------------------------------------------------
@@ -58,58 +62,55 @@ def _scaled(counts: Counter, factor: int) -> Counter:
     return Counter({gram: count * factor for gram, count in counts.items()})
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator else 1.0
+def _total(counts: Counter) -> int:
+    return sum(counts.values())
 
 
-def _f1(precision: float, recall: float) -> float:
-    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-
-
-def _mean_ratio(correct: Counter, done: Counter) -> float:
-    """Mean over the distinct n-grams of ``done`` of the fraction done correctly (``SARI.py``'s precision)."""
-    return _ratio(sum(correct[gram] / count for gram, count in done.items()), len(done))
-
-
-def _sari_operations(source: Counter, prediction: Counter, references: Counter, n_references: int
-                     ) -> tuple[float, float, float]:
-    """(add F1, keep F1, delete precision) for one n-gram order; ``references`` pools all references."""
-    added = set(prediction) - set(source)
-    added_by_references = set(references) - set(source)
-    added_correctly = added & set(references)
-    add_f1 = _f1(_ratio(len(added_correctly), len(added)), _ratio(len(added_correctly), len(added_by_references)))
-
-    source, prediction = _scaled(source, n_references), _scaled(prediction, n_references)
-    kept = source & prediction
-    kept_correctly = kept & references
-    kept_by_references = source & references
-    keep_f1 = _f1(_mean_ratio(kept_correctly, kept),
-                  _ratio(sum(kept_correctly.values()), sum(kept_by_references.values())))
-
-    deleted = source - prediction
-    delete_precision = _mean_ratio(deleted - references, deleted)
-    return add_f1, keep_f1, delete_precision
-
-
-def sari(source: str, prediction: str, references: Sequence[str]) -> float:
-    """Sentence SARI (0–100) of ``prediction`` as a simplification of ``source``; see the module notes."""
+def _sari_counts(source: str, prediction: str, references: Sequence[str]) -> np.ndarray:
+    """``counts[n - 1, operation]`` = (done correctly, done by the prediction, done by the references)
+    for the n-grams of order n; operations ADD, KEEP, DELETE (see the module notes)."""
     if not references:
         raise ValueError("SARI needs at least one reference")
     source_tokens, prediction_tokens = _tokens(source), _tokens(prediction)
     reference_tokens = [_tokens(reference) for reference in references]
-    per_order = []
+    counts = np.zeros((SARI_MAX_ORDER, 3, 3))
     for n in range(1, SARI_MAX_ORDER + 1):
+        source_ngrams, prediction_ngrams = _ngrams(source_tokens, n), _ngrams(prediction_tokens, n)
         pooled_references = sum((_ngrams(tokens, n) for tokens in reference_tokens), Counter())
-        per_order.append(_sari_operations(_ngrams(source_tokens, n), _ngrams(prediction_tokens, n),
-                                          pooled_references, len(references)))
-    add, keep, delete = (statistics.fmean(scores) for scores in zip(*per_order))
-    return 100 * (add + keep + delete) / 3
+
+        added = set(prediction_ngrams) - set(source_ngrams)
+        added_by_references = set(pooled_references) - set(source_ngrams)
+        counts[n - 1, ADD] = len(added & added_by_references), len(added), len(added_by_references)
+
+        weighted_source = _scaled(source_ngrams, len(references))
+        weighted_prediction = _scaled(prediction_ngrams, len(references))
+        for operation, by_prediction, by_references in (
+            (KEEP, weighted_source & weighted_prediction, weighted_source & pooled_references),
+            (DELETE, weighted_source - weighted_prediction, weighted_source - pooled_references),
+        ):
+            counts[n - 1, operation] = _total(by_prediction & by_references), _total(by_prediction), _total(by_references)
+    return counts
+
+
+def _sari_from_counts(counts: np.ndarray) -> float:
+    correct, by_prediction, by_references = np.moveaxis(counts, -1, 0)
+    precision = np.divide(correct, by_prediction, out=np.zeros_like(correct), where=by_prediction > 0)
+    recall = np.divide(correct, by_references, out=np.zeros_like(correct), where=by_references > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(correct),
+                   where=precision + recall > 0)
+    add, keep, delete = f1[:, ADD].mean(), f1[:, KEEP].mean(), precision[:, DELETE].mean()
+    return float(100 * (add + keep + delete) / 3)
+
+
+def sari(source: str, prediction: str, references: Sequence[str]) -> float:
+    """SARI (0–100) of ``prediction`` as a simplification of ``source``; see the module notes."""
+    return _sari_from_counts(_sari_counts(source, prediction, references))
 
 
 def corpus_sari(sources: Sequence[str], predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> float:
-    """Mean sentence SARI over the corpus (not EASSE's pooled counts; see the module notes)."""
+    """SARI of a corpus from the n-gram counts of all its sentences pooled (not a mean of sentence scores)."""
     _check_lengths(predictions, sources=sources, references=references_list)
-    return statistics.fmean(map(sari, sources, predictions, references_list))
+    return _sari_from_counts(sum(map(_sari_counts, sources, predictions, references_list)))
 
 
 # --- generation and classification metrics ---------------------------------------------------------

@@ -12,34 +12,33 @@ from switchcit.metrics import (
     bleu, continual_metrics, corpus_sari, main_metric, results_dict, rouge, sari, score_task, yes_no_accuracy,
 )
 
-# Source "a b c", prediction "a c d", one reference "a d" (one reference: no count weighting).
-#   n=1  added {d}, references add {d}, correct {d}             → add P = 1, R = 1, F1 = 1
-#        kept {a, c}, correct {a} (c not in the reference)       → keep P = mean(1/1, 0/1) = 1/2
-#        the reference keeps {a}, all of it kept correctly       → keep R = 1/1 → F1 = 2/3
-#        deleted {b}, not in the reference                       → delete P = 1
-#   n=2  added {"a c", "c d"}, references add {"a d"}, none shared → add P = 0, R = 0, F1 = 0
-#        nothing kept and nothing to keep (0/0 = 1)              → keep F1 = 1
-#        deleted {"a b", "b c"}, neither in the reference       → delete P = 1
-#   n=3  added {"a c d"}, the reference has no trigram          → add P = 0, R = 0/0 = 1, F1 = 0
-#        keep F1 = 1 (0/0), deleted {"a b c"}                    → delete P = 1
-#   n=4  no 4-grams anywhere: every ratio is 0/0 = 1            → add 1, keep 1, delete 1
-#   add = (1 + 0 + 0 + 1)/4 = 1/2, keep = (2/3 + 1 + 1 + 1)/4 = 11/12, delete = 1
-#   SARI = 100 · (1/2 + 11/12 + 1)/3 = 100 · 29/36
+# Counts per order n: (correct, by the prediction, by the references); P = correct / by prediction,
+# R = correct / by references, 0/0 = 0; per order add F1, keep F1, delete P, each averaged over n = 1..4.
+#
+# Case A: source "a b c", prediction "a c d", one reference "a d" (r = 1: no weighting).
+#   n=1  add: {d} added, the reference adds {d}               (1, 1, 1) → F1 = 1
+#        keep: {a, c} kept, the reference keeps {a}          (1, 2, 1) → P = 1/2, R = 1 → F1 = 2/3
+#        delete: {b} deleted, the reference deletes {b, c}   (1, 1, 2) → P = 1
+#   n=2  add: {"a c", "c d"} added, reference adds {"a d"}   (0, 2, 1) → F1 = 0
+#        keep: nothing kept, nothing to keep                 (0, 0, 0) → F1 = 0
+#        delete: {"a b", "b c"}, both deleted by the ref.    (2, 2, 2) → P = 1
+#   n=3  add (0, 1, 0) → 0; keep (0, 0, 0) → 0; delete {"a b c"} (1, 1, 1) → P = 1
+#   n=4  no 4-grams: all 0
+#   add = 1/4, keep = (2/3)/4 = 1/6, delete = 3/4 → SARI = 100 · (1/4 + 1/6 + 3/4)/3 = 100 · 7/18
 CASE_A = ("a b c", "a c d", ["a d"])
-SARI_A = 100 * 29 / 36
+SARI_A = 100 * 7 / 18
 
-# Source "a b", prediction "a", references "a" and "b": r = 2, so source and prediction counts are
+# Case B: source "a b", prediction "a", references "a" and "b": r = 2, source and prediction counts are
 # doubled against the pooled reference counts {a: 1, b: 1} (each unigram kept by half the references).
-#   n=1  nothing added, nothing added by the references          → add F1 = 1
-#        kept {a: 2}, correct min(2, 1) = {a: 1}                  → keep P = 1/2
-#        the references keep min({a: 2, b: 2}, {a: 1, b: 1}) = 2 → keep R = 1/2 → F1 = 1/2
-#        deleted {b: 2}, correct 2 − 1 = 1                        → delete P = 1/2
-#   n=2  source bigram "a b" deleted, no reference has it        → add 1, keep 1 (0/0), delete P = 2/2 = 1
-#   n=3, n=4  empty                                               → 1, 1, 1
-#   add = 1, keep = (1/2 + 3)/4 = 7/8, delete = (1/2 + 3)/4 = 7/8
-#   SARI = 100 · (1 + 7/8 + 7/8)/3 = 100 · 11/12
+#   n=1  add: nothing added by anyone                        (0, 0, 0) → F1 = 0
+#        keep: {a: 2} kept, refs keep min({a: 2, b: 2}, {a: 1, b: 1}) = {a: 1, b: 1},
+#              correct min({a: 2}, {a: 1, b: 1}) = {a: 1}     (1, 2, 2) → P = R = 1/2 → F1 = 1/2
+#        delete: {b: 2} deleted, refs delete {a: 1, b: 1}    (1, 2, 2) → P = 1/2
+#   n=2  delete: {"a b": 2}, no reference has it             (2, 2, 2) → P = 1; add, keep 0
+#   n=3, n=4  empty: all 0
+#   add = 0, keep = (1/2)/4 = 1/8, delete = (1/2 + 1)/4 = 3/8 → SARI = 100 · (1/8 + 3/8)/3 = 100/6
 CASE_B = ("a b", "a", ["a", "b"])
-SARI_B = 100 * 11 / 12
+SARI_B = 100 / 6
 
 
 def test_sari_hand_computed_single_reference():
@@ -65,27 +64,30 @@ def test_sari_published_example():
     assert score == pytest.approx(26.953601953601954, abs=1e-9)
 
 
-def test_sari_prediction_identical_to_source_and_reference_is_perfect():
-    # Nothing added or deleted by anyone (add and delete are 0/0 = 1); every kept n-gram is kept by
-    # the reference (keep P = R = 1).
-    sentence = "the cat sat on the mat"
-    assert sari(sentence, sentence, [sentence]) == pytest.approx(100)
-
-
 def test_sari_prediction_equal_to_the_reference_is_perfect():
-    # Deletes exactly what the reference deletes ("e" and the n-grams through it), keeps the rest.
-    assert sari("a b c d e", "a b c d", ["a b c d"]) == pytest.approx(100)
+    # Adds "f" and deletes "e" (and every n-gram through them) exactly as the reference, keeps the rest:
+    # at every order P = R = 1 for add and keep, P = 1 for delete.
+    assert sari("a b c d e", "a b c d f", ["a b c d f"]) == pytest.approx(100)
+
+
+def test_sari_unchanged_sentence_scores_only_on_keep():
+    # Nothing added or deleted by anyone: add and delete are 0/0 = 0; everything kept correctly.
+    sentence = "the cat sat on the mat"
+    assert sari(sentence, sentence, [sentence]) == pytest.approx(100 / 3)
+    # Copying the source "a b c" when the reference is "a d": only the keep F1 of unigrams is non-zero —
+    # kept {a, b, c}, the reference keeps {a} (1, 3, 1) → P = 1/3, R = 1 → F1 = 1/2; bigram and
+    # trigram keeps have P = 0. keep = (1/2)/4 → SARI = 100 · (1/8)/3 = 100/24.
+    assert sari("a b c", "a b c", ["a d"]) == pytest.approx(100 / 24)
 
 
 def test_sari_empty_prediction():
-    # The reference keeps the whole 4-token source. At every order: nothing added anywhere (add = 1),
-    # nothing kept of what should be kept (keep P = 0/0 = 1, R = 0 → F1 = 0), every deletion wrong
-    # (delete P = 0). SARI = 100 · (1 + 0 + 0)/3.
-    assert sari("a b c d", "", ["a b c d"]) == pytest.approx(100 / 3)
+    # The reference keeps the whole source: nothing added (0), nothing kept (keep R = 0), and every
+    # deletion wrong (delete P = 0).
+    assert sari("a b c d", "", ["a b c d"]) == 0
 
 
 def test_sari_identical_references_count_once():
-    # r copies of one reference scale every weighted count by r: the ratios do not change.
+    # r copies of one reference scale every weighted count by r and leave the added sets alone.
     source, prediction, references = CASE_A
     assert sari(source, prediction, references * 3) == pytest.approx(SARI_A)
 
@@ -95,9 +97,16 @@ def test_sari_needs_a_reference():
         sari("a b", "a", [])
 
 
-def test_corpus_sari_is_the_mean_of_sentence_scores():
+def test_corpus_sari_pools_counts_over_sentences():
+    # Case A + case B counts:  n=1 add (1, 1, 1) → 1; keep (2, 4, 3) → P = 1/2, R = 2/3, F1 = 4/7;
+    #                               delete (2, 3, ·) → P = 2/3
+    #                          n=2 add (0, 2, 1) → 0; keep 0; delete (4, 4, ·) → 1
+    #                          n=3 add (0, 1, 0) → 0; keep 0; delete (1, 1, ·) → 1;  n=4 all 0
+    # add = 1/4, keep = 1/7, delete = (2/3 + 2)/4 = 2/3 → 100 · (1/4 + 1/7 + 2/3)/3 = 100 · 89/252
+    # (the mean of the sentence scores would be 100 · (7/18 + 1/6)/2 = 100 · 5/18).
     sources, predictions, references = zip(CASE_A, CASE_B)
-    assert corpus_sari(sources, predictions, references) == pytest.approx((SARI_A + SARI_B) / 2)
+    assert corpus_sari(sources, predictions, references) == pytest.approx(100 * 89 / 252)
+    assert corpus_sari(sources[:1], predictions[:1], references[:1]) == pytest.approx(SARI_A)
     with pytest.raises(ValueError, match="2 predictions but 1 sources"):
         corpus_sari(sources[:1], predictions, references)
 
