@@ -88,7 +88,8 @@ def _sari_counts(source: str, prediction: str, references: Sequence[str]) -> np.
             (KEEP, weighted_source & weighted_prediction, weighted_source & pooled_references),
             (DELETE, weighted_source - weighted_prediction, weighted_source - pooled_references),
         ):
-            counts[n - 1, operation] = _total(by_prediction & by_references), _total(by_prediction), _total(by_references)
+            correct = by_prediction & by_references
+            counts[n - 1, operation] = _total(correct), _total(by_prediction), _total(by_references)
     return counts
 
 
@@ -236,7 +237,8 @@ def continual_metrics(matrix: Sequence[Sequence[float | None]], baseline: Sequen
     R[i-1][i] (tasks evaluated before they are trained)."""
     n_tasks = len(matrix)
     if n_tasks == 0 or any(len(row) != n_tasks for row in matrix):
-        raise ValueError(f"the score matrix must be square and non-empty, got rows of lengths {[len(r) for r in matrix]}")
+        lengths = [len(row) for row in matrix]
+        raise ValueError(f"the score matrix must be square and non-empty, got rows of lengths {lengths}")
     if baseline is not None and len(baseline) != n_tasks:
         raise ValueError(f"{len(baseline)} baseline scores for {n_tasks} tasks")
     final = list(matrix[-1])

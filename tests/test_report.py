@@ -44,7 +44,8 @@ def test_report_markdown_has_the_numbers(tmp_path, method_results):
 
 def test_report_writes_valid_pngs(tmp_path, method_results):
     paths = write_report(tmp_path, method_results)
-    expected = [tmp_path / method / name for method in ("switch", "sequential") for name in ("matrix.png", "curves.png")]
+    expected = [tmp_path / method / plot for method in ("switch", "sequential")
+                for plot in ("matrix.png", "curves.png")]
     assert paths[1:] == expected
     for path in expected:
         data = path.read_bytes()
