@@ -1,8 +1,13 @@
-"""Command line: ``switchcit demo`` (more commands join as the product grows)."""
+"""Command line: ``switchcit demo`` here; every other command lives beside its code and registers
+itself through ``add_command(subparsers)`` (see ``COMMAND_MODULES``)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
+
+# Modules that add a subcommand; they import their heavy dependencies only when the command runs.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -65,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=demo)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_command(commands)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -1,13 +1,18 @@
 """The switch: instruction → task classifier that picks the adapter (SwitchCIT).
 
-Work in progress (issue 6): the classifier, persistence and ``add_task`` work; the confidence gate
-for unknown instructions is not calibrated yet, and the fused GPU kernel is still to come.
+A small MLP (features → 200 → tasks, ReLU; the paper's) over features of a frozen language model,
+trained on a tiny retained sample of each task's instructions. New tasks retrain it on what it
+retained plus the new task's sample, so old tasks' full data is never needed again.
 
-A small MLP (features → 200 → tasks, ReLU) over features of a frozen language model, trained on a
-tiny retained sample of each task's instructions. New tasks retrain it on what it retained plus the
-new task's sample, so old tasks' full data is never needed again. A prompt whose best task is not
-confident enough — low softmax probability, or far from every retained prompt of that task — goes to
-the base model (``None``) instead of a wrong adapter.
+The MLP always names *some* task, so an instruction of a task never seen would get a wrong adapter.
+A gate sends it to the base model (``None``) instead: the prompt's Mahalanobis distance to the
+chosen task's retained prompts (class mean, shared covariance shrunk toward a scaled identity, kept
+as a low-rank correction) must stay within ``gate_margin`` × the largest distance seen on held-out
+folds of the retained sample itself — calibrated without any example of an unknown task. The gate
+reads the mean of the prompt's input embeddings, whatever the classifier reads: on the real tasks,
+last-token hidden states of unseen-task prompts sit *closer* to the task means than many in-task
+prompts do, while embedding means separate them (``benchmarks/results/switch-accuracy.md``). With
+a single retained prompt per task there is nothing to hold out, and the gate stays open.
 
 Feature sources (``feature=``):
 
@@ -19,13 +24,16 @@ Feature sources (``feature=``):
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["Switch", "SwitchModel", "encode_features", "pool_features", "route_reference"]
+__all__ = ["Switch", "SwitchHead", "SwitchModel", "classify_reference", "encode_features", "pool_features", "route_reference"]
 
 SWITCH_WEIGHTS = "switch.safetensors"
 SWITCH_CONFIG = "switch.json"
@@ -42,17 +50,92 @@ def pool_features(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) 
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def route_reference(
-    hidden: torch.Tensor, attention_mask: torch.Tensor, feature_mean: torch.Tensor, feature_scale: torch.Tensor,
-    mlp: nn.Module, task_to_adapter: torch.Tensor, min_probability: float, pool: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch spec of the fused kernel (``switchcit.kernels.fused_switch_route``):
-    ``(adapter id per sequence [B], per token [B, S])``, −1 where the best task's probability is
-    below ``min_probability``."""
-    features = pool_features(hidden.float(), attention_mask, pool)
-    probability, task = torch.softmax(mlp((features - feature_mean) / feature_scale), dim=1).max(1)
-    ids = torch.where(probability >= min_probability, task_to_adapter.long()[task], -1).to(torch.int32)
+@dataclass
+class SwitchHead:
+    """What routing needs of a trained switch, as plain float32 tensors (the fused kernel's inputs):
+    the classifier (feature normalisation, MLP ``w1 [H, D]``, ``w2 [tasks, H]``) and the gate (its
+    own feature normalisation, class means, low-rank inverse covariance, threshold)."""
+
+    feature_mean: torch.Tensor
+    feature_scale: torch.Tensor
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    gate_feature_mean: torch.Tensor
+    gate_feature_scale: torch.Tensor
+    class_means: torch.Tensor  # [tasks, D], normalised gate features
+    gate_components: torch.Tensor  # [K, D], rows pre-scaled so distance = gate_scale·(|d|² − |C d|²)
+    gate_scale: float
+    max_distance: float  # inf: gate open
+    min_probability: float
+
+    def to(self, device) -> SwitchHead:
+        return replace(self, **{f.name: getattr(self, f.name).to(device, torch.float32)
+                                for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def gate_distance(normalised: torch.Tensor, task: torch.Tensor, class_means: torch.Tensor,
+                  gate_components: torch.Tensor, gate_scale: float) -> torch.Tensor:
+    """Squared Mahalanobis distance of each row to its task's class mean (shrunk covariance)."""
+    offset = normalised - class_means[task]
+    return gate_scale * (offset.pow(2).sum(1) - (offset @ gate_components.T).pow(2).sum(1))
+
+
+def classify_reference(features: torch.Tensor, gate_features: torch.Tensor, head: SwitchHead) -> torch.Tensor:
+    """Task index per row of pooled features ``[B, D]`` (classifier and gate inputs), −1 where the
+    gate says "unknown task"."""
+    normalised = (features.float() - head.feature_mean) / head.feature_scale
+    layer1 = torch.relu(normalised @ head.w1.T + head.b1)
+    probability, task = torch.softmax(layer1 @ head.w2.T + head.b2, dim=1).max(1)
+    gate_normalised = (gate_features.float() - head.gate_feature_mean) / head.gate_feature_scale
+    distance = gate_distance(gate_normalised, task, head.class_means, head.gate_components, head.gate_scale)
+    return torch.where((probability >= head.min_probability) & (distance <= head.max_distance), task, -1)
+
+
+def route_reference(hidden: torch.Tensor, embeddings: torch.Tensor, attention_mask: torch.Tensor, head: SwitchHead,
+                    task_to_adapter: torch.Tensor, pool: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch spec of the fused kernel (``switchcit.kernels.fused_switch_route``): pool
+    ``hidden`` (``pool``: last/mean) for the classifier and ``embeddings`` (mean) for the gate →
+    ``(adapter id per sequence [B], per token [B, S])``, −1 for the base model."""
+    task = classify_reference(pool_features(hidden.float(), attention_mask, pool),
+                              pool_features(embeddings.float(), attention_mask, "mean"), head)
+    ids = torch.where(task >= 0, task_to_adapter.long()[task.clamp(min=0)], -1).to(torch.int32)
     return ids, ids[:, None].expand(hidden.shape[0], hidden.shape[1])
+
+
+def fit_gate(normalised: torch.Tensor, labels: torch.Tensor, num_tasks: int, shrinkage: float = 0.3,
+             max_components: int = 128) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Class means and the shrunk shared covariance's inverse as ``(means, components, scale)``:
+    Σ = (1−α)·S + α·τ·I with S the within-task scatter, τ its mean variance, so
+    Σ⁻¹ = 1/(ατ) · (I − Σₖ wₖ vₖvₖᵀ) over S's top eigenvectors vₖ (wₖ = 1 − ατ/((1−α)λₖ + ατ))."""
+    dim = normalised.shape[1]
+    counts = torch.bincount(labels, minlength=num_tasks).clamp(min=1).to(normalised)
+    means = torch.zeros(num_tasks, dim).index_add_(0, labels, normalised) / counts[:, None]
+    residual = normalised - means[labels]
+    variance = float(residual.pow(2).sum()) / (len(normalised) * dim)
+    shrunk = shrinkage * (variance if variance > 0 else 1.0)  # one prompt per task: unit variance (normalised)
+    _, singular, directions = torch.linalg.svd(residual, full_matrices=False)
+    eigenvalues = singular[:max_components].pow(2) / len(normalised)
+    weights = 1 - shrunk / ((1 - shrinkage) * eigenvalues + shrunk)
+    return means, weights.sqrt()[:, None] * directions[:max_components], 1.0 / shrunk
+
+
+def calibrate_max_distance(normalised: torch.Tensor, labels: torch.Tensor, num_tasks: int, folds: int = 5,
+                           seed: int = 0) -> float:
+    """The largest distance of a retained prompt to its own task, fitted without it (``folds``-fold);
+    ``inf`` (gate open) when no task has two retained prompts."""
+    fold = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)) % folds
+    largest = float("-inf")
+    for k in range(folds):
+        held_out, rest = fold == k, fold != k
+        known = torch.bincount(labels[rest], minlength=num_tasks) > 0
+        check = held_out & known[labels]
+        if not check.any():
+            continue
+        gate = fit_gate(normalised[rest], labels[rest], num_tasks)
+        largest = max(largest, float(gate_distance(normalised[check], labels[check], *gate).max()))
+    return largest if largest > float("-inf") else float("inf")
 
 
 class Switch:
@@ -62,46 +145,77 @@ class Switch:
     would clash with ``nn.Module.train(mode)``. The classifier itself is ``self.mlp``.
     """
 
-    def __init__(self, tasks: Sequence[str], feature_dim: int, hidden: int = 200, feature: str = "last_token"):
+    def __init__(self, tasks: Sequence[str], feature_dim: int, gate_dim: int, hidden: int = 200, feature: str = "last_token"):
         self.tasks = list(tasks)
         self.feature = _check_feature(feature)
         self.mlp = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, len(self.tasks))).eval()
         self.feature_mean = torch.zeros(feature_dim)
         self.feature_scale = torch.ones(feature_dim)
-        self.retained_features = torch.zeros(0, feature_dim)  # normalised, for the gate
-        self.retained_labels = torch.zeros(0, dtype=torch.int64)
-        self.min_probability = 0.5
-        self.min_similarity = -1.0
+        self.gate_feature_mean = torch.zeros(gate_dim)
+        self.gate_feature_scale = torch.ones(gate_dim)
+        self.class_means = torch.zeros(len(self.tasks), gate_dim)
+        self.gate_components = torch.zeros(0, gate_dim)
+        self.gate_scale = 1.0
+        self.max_distance = math.inf
+        self.min_probability = 0.0
+        self.gate_margin = 1.25
         self.retained: dict[str, list[str]] = {}
         self.encoder = None
         self.tokenizer = None
 
-    _TENSORS = ("feature_mean", "feature_scale", "retained_features", "retained_labels")
+    _TENSORS = ("feature_mean", "feature_scale", "gate_feature_mean", "gate_feature_scale", "class_means", "gate_components")
+    GATE_FEATURE = "embeddings"
 
     # ---------------------------------------------------------------- training
 
     @classmethod
     def train(
         cls, prompts: Sequence[str], task_labels: Sequence[str], encoder=None, tokenizer=None, *,
-        feature: str = "last_token", hidden: int = 200, epochs: int = 20, lr: float = 1e-3,
-        batch_size: int = 32, seed: int = 0,
-    ) -> "Switch":
+        feature: str = "last_token", **fit_options,
+    ) -> Switch:
         """Train a switch on the retained prompts (one task label each). ``encoder``: a transformers
-        model or a folder to load one from (and its tokenizer)."""
+        model or a folder to load one from (and its tokenizer); ``fit_options``: see :meth:`fit`."""
         if len(prompts) != len(task_labels) or not prompts:
             raise ValueError(f"need as many task labels as prompts (got {len(prompts)} and {len(task_labels)}), at least one")
         _check_feature(feature)
-        encoder, tokenizer = _load_encoder(encoder, tokenizer)
-        tasks = list(dict.fromkeys(task_labels))
-        features = _encode(list(prompts), encoder, tokenizer, feature)
-        switch = cls(tasks, features.shape[1], hidden=hidden, feature=feature)
+        encoder, tokenizer = load_encoder(encoder, tokenizer)
+        features = encode_features(list(prompts), encoder, tokenizer, (feature, cls.GATE_FEATURE))
+        switch = cls.fit(features[feature], features[cls.GATE_FEATURE], task_labels, feature=feature, **fit_options)
         switch.encoder, switch.tokenizer = encoder, tokenizer
         for prompt, task in zip(prompts, task_labels):
             switch.retained.setdefault(task, []).append(prompt)
-        switch._fit(features, torch.tensor([tasks.index(t) for t in task_labels]), epochs, lr, batch_size, seed)
         return switch
 
-    def add_task(self, name: str, prompts: Sequence[str], **train_options) -> "Switch":
+    @classmethod
+    def fit(cls, features: torch.Tensor, gate_features: torch.Tensor, task_labels: Sequence[str], *,
+            feature: str = "last_token", hidden: int = 200, epochs: int = 20, lr: float = 1e-3, batch_size: int = 32,
+            gate_margin: float = 1.25, seed: int = 0) -> Switch:
+        """A switch from already pooled features ``[N, D]`` (classifier and gate inputs; no encoder
+        attached): the MLP as in the paper (AdamW, cross-entropy), then the gate."""
+        tasks = list(dict.fromkeys(task_labels))
+        labels = torch.tensor([tasks.index(t) for t in task_labels])
+        switch = cls(tasks, features.shape[1], gate_features.shape[1], hidden=hidden, feature=feature)
+        switch.feature_mean, switch.feature_scale, inputs = _standardise(features)
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # the MLP's initialisation
+        switch.mlp = nn.Sequential(nn.Linear(features.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, len(tasks)))
+        optimizer = torch.optim.AdamW(switch.mlp.parameters(), lr=lr)
+        for _ in range(epochs):
+            order = torch.randperm(len(inputs), generator=gen)
+            for start in range(0, len(inputs), batch_size):
+                batch = order[start : start + batch_size]
+                loss = nn.functional.cross_entropy(switch.mlp(inputs[batch]), labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        switch.mlp.eval()
+        switch.gate_feature_mean, switch.gate_feature_scale, gate_inputs = _standardise(gate_features)
+        switch.class_means, switch.gate_components, switch.gate_scale = fit_gate(gate_inputs, labels, len(tasks))
+        switch.gate_margin = gate_margin
+        switch.max_distance = gate_margin * calibrate_max_distance(gate_inputs, labels, len(tasks), seed=seed)
+        return switch
+
+    def add_task(self, name: str, prompts: Sequence[str], **train_options) -> Switch:
         """A new task from its retained sample; retrains on everything retained so far. Returns the
         new switch (same encoder), this one unchanged."""
         if name in self.tasks:
@@ -110,70 +224,57 @@ class Switch:
             raise ValueError(f"task {name!r} has no prompts")
         all_prompts = [p for task in self.tasks for p in self.retained[task]] + list(prompts)
         labels = [task for task in self.tasks for _ in self.retained[task]] + [name] * len(prompts)
-        options = {"feature": self.feature, "hidden": self.mlp[0].out_features} | train_options
+        options = {"feature": self.feature, "hidden": self.mlp[0].out_features, "gate_margin": self.gate_margin} | train_options
         return Switch.train(all_prompts, labels, self.encoder, self.tokenizer, **options)
-
-    def _fit(self, features: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float, batch_size: int, seed: int):
-        self.feature_mean = features.mean(0)
-        self.feature_scale = features.std(0, unbiased=False).clamp(min=1e-6) if len(features) > 1 else torch.ones_like(self.feature_mean)
-        inputs = self.normalise(features)
-        gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        for layer in self.mlp:
-            if isinstance(layer, nn.Linear):
-                layer.reset_parameters()
-        optimizer = torch.optim.AdamW(self.mlp.parameters(), lr=lr)
-        self.mlp.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(inputs), generator=gen)
-            for start in range(0, len(inputs), batch_size):
-                batch = order[start : start + batch_size]
-                loss = nn.functional.cross_entropy(self.mlp(inputs[batch]), labels[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        self.mlp.eval()
-        self.retained_features = nn.functional.normalize(inputs, dim=1)
-        self.retained_labels = labels.clone()
-        self.min_similarity = self._calibrate_similarity()
-
-    def _calibrate_similarity(self) -> float:
-        """Similarity floor for the gate: well below how close each retained prompt is to its nearest
-        other retained prompt of the same task (leave-one-out), so in-task prompts pass."""
-        feats, labels = self.retained_features, self.retained_labels
-        similarity = feats @ feats.T
-        similarity.fill_diagonal_(-2.0)
-        same_task = labels[:, None] == labels[None, :]
-        nearest = similarity.masked_fill(~same_task, -2.0).amax(1)
-        nearest = nearest[nearest > -2.0]  # tasks with a single retained prompt have no neighbour
-        if nearest.numel() == 0:
-            return -1.0
-        return float(nearest.min()) - 0.5 * float(1 - nearest.min())
 
     # ---------------------------------------------------------------- routing
 
-    def normalise(self, features: torch.Tensor) -> torch.Tensor:
-        return (features - self.feature_mean) / self.feature_scale
+    def head(self, device=None) -> SwitchHead:
+        """The trained classifier and gate as plain float32 tensors (on ``device``)."""
+        (w1, b1), (w2, b2) = ((layer.weight.detach(), layer.bias.detach()) for layer in (self.mlp[0], self.mlp[2]))
+        return SwitchHead(self.feature_mean, self.feature_scale, w1, b1, w2, b2, self.gate_feature_mean,
+                          self.gate_feature_scale, self.class_means, self.gate_components, self.gate_scale,
+                          self.max_distance, self.min_probability).to(device or self.feature_mean.device)
 
     @torch.no_grad()
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """Task index per row of raw features ``[B, D]``, −1 where the gate says "unknown"."""
-        inputs = self.normalise(features.to(self.feature_mean))
-        probability, task = torch.softmax(self.mlp(inputs), dim=1).max(1)
-        similarity = self._similarity_to_task(nn.functional.normalize(inputs, dim=1), task)
-        confident = (probability >= self.min_probability) & (similarity >= self.min_similarity)
-        return torch.where(confident, task, -1)
+    def classify(self, features: torch.Tensor, gate_features: torch.Tensor) -> torch.Tensor:
+        """Task index per row of raw pooled features ``[B, D]``, −1 where the gate says "unknown"."""
+        return classify_reference(features, gate_features, self.head(features.device))
 
-    def _similarity_to_task(self, normalised: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        similarity = normalised @ self.retained_features.T  # [B, retained]
-        same = self.retained_labels[None, :] == task[:, None]
-        return similarity.masked_fill(~same, -2.0).amax(1)
+    @torch.no_grad()
+    def route_hidden(self, hidden: torch.Tensor, embeddings: torch.Tensor, attention_mask: torch.Tensor,
+                     task_to_adapter: torch.Tensor, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ids ``(per sequence int32 [B], per token int32 [B, S])`` from the encoder's
+        ``hidden`` states (the layer of ``self.feature``) and input ``embeddings`` ``[B, S, D]``, all on
+        the device, no host sync. ``task_to_adapter [tasks]``: each task's id in the adapter bank
+        (−1: none). ``backend``: ``"triton"`` (the fused kernel; automatic on CUDA) or ``"torch"``."""
+        batch, seq_len, dim = hidden.shape
+        if embeddings.shape != hidden.shape or attention_mask.shape != (batch, seq_len):
+            raise ValueError(f"hidden {tuple(hidden.shape)}, embeddings {tuple(embeddings.shape)} and attention mask "
+                             f"{tuple(attention_mask.shape)} must be [B, S, D], [B, S, D] and [B, S]")
+        if dim != self.mlp[0].in_features or dim != self.class_means.shape[1]:
+            raise ValueError(f"the switch reads {self.mlp[0].in_features}-d features, got {dim}-d hidden states")
+        if task_to_adapter.shape != (len(self.tasks),):
+            raise ValueError(f"task_to_adapter needs one id per task ({len(self.tasks)}), got {tuple(task_to_adapter.shape)}")
+        head = self.head(hidden.device)
+        task_to_adapter = task_to_adapter.to(hidden.device, torch.int32)
+        pool = "mean" if self.feature in ("mean", "embeddings") else "last"
+        if _switch_backend(backend, hidden) == "torch":
+            return route_reference(hidden, embeddings, attention_mask, head, task_to_adapter, pool)
+        from switchcit.kernels import fused_switch_route
+
+        return fused_switch_route(
+            hidden, embeddings, attention_mask, head.feature_mean, head.feature_scale, head.w1.contiguous(), head.b1,
+            head.w2.contiguous(), head.b2, head.gate_feature_mean, head.gate_feature_scale, head.class_means,
+            head.gate_components, head.gate_scale, head.max_distance, head.min_probability, task_to_adapter, pool == "last",
+        )
 
     def route(self, prompts: Sequence[str]) -> list[str | None]:
         """The task of each prompt, or ``None`` (base model) when unsure."""
         if self.encoder is None:
             raise ValueError("this switch has no encoder: pass encoder= to Switch.load")
-        task = self.classify(_encode(list(prompts), self.encoder, self.tokenizer, self.feature))
+        features = encode_features(list(prompts), self.encoder, self.tokenizer, (self.feature, self.GATE_FEATURE))
+        task = self.classify(features[self.feature], features[self.GATE_FEATURE])
         return [self.tasks[i] if i >= 0 else None for i in task.tolist()]
 
     # ---------------------------------------------------------------- persistence
@@ -189,29 +290,52 @@ class Switch:
         encoder_path = getattr(getattr(self.encoder, "config", None), "_name_or_path", None)
         config = {
             "tasks": self.tasks, "feature": self.feature, "feature_dim": self.mlp[0].in_features,
-            "hidden": self.mlp[0].out_features, "min_probability": self.min_probability,
-            "min_similarity": self.min_similarity, "retained": self.retained, "encoder": encoder_path,
+            "gate_dim": self.class_means.shape[1],
+            "hidden": self.mlp[0].out_features, "min_probability": self.min_probability, "gate_scale": self.gate_scale,
+            "max_distance": None if math.isinf(self.max_distance) else self.max_distance,
+            "gate_margin": None if math.isinf(self.gate_margin) else self.gate_margin,
+            "retained": self.retained, "encoder": encoder_path,
         }
         (folder / SWITCH_CONFIG).write_text(json.dumps(config, indent=1))
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, encoder=None, tokenizer=None) -> "Switch":
+    def load(cls, folder: str | Path, encoder=None, tokenizer=None) -> Switch:
         """Load a saved switch; ``encoder`` defaults to the folder recorded at save time."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         config = json.loads((folder / SWITCH_CONFIG).read_text())
-        switch = cls(config["tasks"], config["feature_dim"], hidden=config["hidden"], feature=config["feature"])
+        switch = cls(config["tasks"], config["feature_dim"], config["gate_dim"], hidden=config["hidden"], feature=config["feature"])
         state = load_file(str(folder / SWITCH_WEIGHTS))
         switch.mlp.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("mlp.")})
         for name in cls._TENSORS:
             setattr(switch, name, state[name])
-        switch.min_probability, switch.min_similarity = config["min_probability"], config["min_similarity"]
+        switch.min_probability, switch.gate_scale = config["min_probability"], config["gate_scale"]
+        switch.max_distance, switch.gate_margin = (math.inf if config[k] is None else config[k] for k in ("max_distance", "gate_margin"))
         switch.retained = config["retained"]
         if encoder is not None or config.get("encoder"):
-            switch.encoder, switch.tokenizer = _load_encoder(encoder or config["encoder"], tokenizer)
+            switch.encoder, switch.tokenizer = load_encoder(encoder or config["encoder"], tokenizer)
         return switch
+
+
+def _switch_backend(backend: str | None, hidden: torch.Tensor) -> str:
+    from switchcit.ops import _HAS_TRITON, select_backend
+
+    name = backend or os.environ.get("SWITCHCIT_BACKEND") or "auto"
+    if name == "auto":
+        return "triton" if hidden.is_cuda and _HAS_TRITON else "torch"
+    if name not in ("torch", "triton"):
+        raise ValueError(f"the switch runs on backend 'torch' or 'triton', got {name!r}")
+    return select_backend(name, hidden)
+
+
+def _standardise(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and scale of ``features`` (scale 1 for a single row) and the standardised rows."""
+    features = features.float()
+    mean = features.mean(0)
+    scale = features.std(0, unbiased=False).clamp(min=1e-6) if len(features) > 1 else torch.ones_like(mean)
+    return mean, scale, (features - mean) / scale
 
 
 def _check_feature(feature: str) -> str:
@@ -220,7 +344,7 @@ def _check_feature(feature: str) -> str:
     raise ValueError(f"unknown feature {feature!r}: last_token, mean, embeddings or layer:K")
 
 
-def _load_encoder(encoder, tokenizer):
+def load_encoder(encoder, tokenizer=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if encoder is None:
@@ -248,7 +372,8 @@ def encode_features(prompts: Sequence[str], encoder, tokenizer, features: Sequen
     chunks: dict[str, list[torch.Tensor]] = {f: [] for f in features}
     for start in range(0, len(order), batch_size):
         batch = [prompts[i] for i in order[start : start + batch_size]]
-        inputs = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
+        inputs = tokenizer(batch, return_tensors="pt", padding=True, padding_side="right", truncation=True,
+                           max_length=max_length).to(device)
         mask = inputs["attention_mask"]
         hidden = encoder(**inputs, output_hidden_states=True).hidden_states if needs_transformer else None
         for feature in features:
@@ -260,10 +385,6 @@ def encode_features(prompts: Sequence[str], encoder, tokenizer, features: Sequen
             chunks[feature].append(pooled.float().cpu())
     inverse = torch.argsort(torch.tensor(order, dtype=torch.long))
     return {f: torch.cat(c)[inverse] if c else torch.zeros(0, encoder.config.hidden_size) for f, c in chunks.items()}
-
-
-def _encode(prompts: list[str], encoder, tokenizer, feature: str) -> torch.Tensor:
-    return encode_features(prompts, encoder, tokenizer, (feature,))[feature]
 
 
 class SwitchModel:
@@ -283,7 +404,7 @@ class SwitchModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     @classmethod
-    def from_pretrained(cls, base: str | Path, adapters: dict[str, str | Path], switch: str | Path | None = None) -> "SwitchModel":
+    def from_pretrained(cls, base: str | Path, adapters: dict[str, str | Path], switch: str | Path | None = None) -> SwitchModel:
         """Base model folder + PEFT adapter folders ``{"task": path}`` + an optional saved switch
         (whose encoder becomes the base model itself)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -296,7 +417,7 @@ class SwitchModel:
         return cls(model, tokenizer, loaded)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path) -> "SwitchModel":
+    def from_run(cls, run_dir: str | Path) -> SwitchModel:
         """Everything a finished run left for serving (``RUN_DIR`` or ``RUN_DIR/switchcit``; see
         :mod:`switchcit.runs`)."""
         from switchcit.runs import read_run
@@ -306,10 +427,37 @@ class SwitchModel:
 
     def route(self, prompts: Sequence[str]) -> list[str | None]:
         """The switch's task for each prompt (``None``: base model)."""
+        if self.switch is not None and self.switch.encoder not in (None, self.model):
+            return [task if task in self._bank_tasks() else None for task in self.switch.route(prompts)]
+        inputs = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="right", truncation=True,
+                                max_length=512)
+        device = next(self.model.parameters()).device
+        sequence_ids, _ = self.route_ids(inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
+        task_of_adapter = {self.context.id_of(task): task for task in self._bank_tasks()}
+        return [task_of_adapter.get(i) for i in sequence_ids.tolist()]
+
+    @torch.no_grad()
+    def route_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ids per sequence and per token for tokenised prompts, computed on the device without a
+        host sync: the base model's features (every token routed to the base) → the switch (fused
+        kernel on CUDA). Tasks without an adapter in the bank route to the base model."""
         if self.switch is None:
             raise ValueError("this SwitchModel has no switch: pass tasks= to generate")
-        self.context.route(None)  # features come from the base model, whatever the encoder is
-        return self.switch.route(prompts)
+        embeddings = self.model.get_input_embeddings()(input_ids)
+        hidden = embeddings
+        if self.switch.feature != "embeddings":
+            self.context.route(None)
+            states = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+            hidden = states[int(self.switch.feature[6:]) if self.switch.feature.startswith("layer:") else -1]
+        return self.switch.route_hidden(hidden, embeddings, attention_mask, self._task_to_adapter(input_ids.device))
+
+    def _bank_tasks(self) -> list[str]:
+        return [task for task in self.switch.tasks if task in self.context.names]
+
+    def _task_to_adapter(self, device) -> torch.Tensor:
+        bank = set(self._bank_tasks())
+        ids = [self.context.id_of(task) if task in bank else -1 for task in self.switch.tasks]
+        return torch.tensor(ids, dtype=torch.int32, device=device)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], tasks: Sequence[str | None] | None = None, *,
@@ -320,11 +468,11 @@ class SwitchModel:
         tasks = self.route(prompts) if tasks is None else list(tasks)
         if len(tasks) != len(prompts):
             raise ValueError(f"{len(tasks)} tasks for {len(prompts)} prompts")
-        known = set(n for n in self.context.names if n is not None)
+        known = {n for n in self.context.names if n is not None}
         self.context.route([t if t in known else None for t in tasks], device=next(self.model.parameters()).device)
         texts = [self._chat(p) for p in prompts] if chat and self.tokenizer.chat_template else prompts
-        self.tokenizer.padding_side = "left"  # new tokens follow every prompt directly
-        inputs = self.tokenizer(texts, return_tensors="pt", padding=True).to(next(self.model.parameters()).device)
+        inputs = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")  # new tokens follow every prompt
+        inputs = inputs.to(next(self.model.parameters()).device)
         output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
