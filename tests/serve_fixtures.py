@@ -74,6 +74,7 @@ def build_run(root: Path, base_folder: Path | None = None, rank: int = 4) -> Pat
     base_folder = base_folder or tiny_llama_base(root / "base")
     run = root / "run" / "switchcit"
     base = transformers.AutoModelForCausalLM.from_pretrained(base_folder)
+    torch.manual_seed(0)  # the same adapters in every build
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "down_proj"],
                       init_lora_weights=False)
     peft_model = get_peft_model(base, lora, adapter_name=TASKS[0])
