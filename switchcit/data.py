@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Example", "load_task", "retained_sample", "chatterbot_dialogues"]
+__all__ = ["Example", "chatterbot_dialogues", "load_task", "retained_sample", "write_chatterbot_tasks"]
 
 FIELDS = ("prompt", "target", "references", "source", "label")
 
@@ -95,3 +95,25 @@ def chatterbot_dialogues(categories: Sequence[str] | None = None, language: str 
             pairs += [(a, b) for a, b in zip(turns, turns[1:]) if a and b]
         dialogues[path.stem] = pairs
     return dialogues
+
+
+def write_chatterbot_tasks(folder: str | Path, categories: Sequence[str], test_fraction: float = 0.2,
+                           seed: int = 0) -> list[Path]:
+    """A small offline task stream: one task folder per chatterbot-corpus category (prompt: an
+    utterance, target: its reply), split into train/test. Returns the task folders in order."""
+    dialogues = chatterbot_dialogues(categories)
+    missing = [c for c in categories if c not in dialogues]
+    if missing:
+        raise ValueError(f"no chatterbot-corpus category {missing}; known: {sorted(chatterbot_dialogues())}")
+    folders = []
+    for category in categories:
+        pairs = list(dialogues[category])
+        random.Random(seed).shuffle(pairs)
+        cut = max(1, round(test_fraction * len(pairs)))
+        task = Path(folder) / category
+        task.mkdir(parents=True, exist_ok=True)
+        for split, rows in (("test", pairs[:cut]), ("train", pairs[cut:])):
+            lines = [json.dumps({"task": category, "prompt": a, "target": b, "references": [b]}) for a, b in rows]
+            (task / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+        folders.append(task)
+    return folders

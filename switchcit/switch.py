@@ -200,14 +200,15 @@ class Switch:
         torch.manual_seed(seed)  # the MLP's initialisation
         switch.mlp = nn.Sequential(nn.Linear(features.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, len(tasks)))
         optimizer = torch.optim.AdamW(switch.mlp.parameters(), lr=lr)
-        for _ in range(epochs):
-            order = torch.randperm(len(inputs), generator=gen)
-            for start in range(0, len(inputs), batch_size):
-                batch = order[start : start + batch_size]
-                loss = nn.functional.cross_entropy(switch.mlp(inputs[batch]), labels[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+        with torch.enable_grad():  # also when called under no_grad
+            for _ in range(epochs):
+                order = torch.randperm(len(inputs), generator=gen)
+                for start in range(0, len(inputs), batch_size):
+                    batch = order[start : start + batch_size]
+                    loss = nn.functional.cross_entropy(switch.mlp(inputs[batch]), labels[batch])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
         switch.mlp.eval()
         switch.gate_feature_mean, switch.gate_feature_scale, gate_inputs = _standardise(gate_features)
         switch.class_means, switch.gate_components, switch.gate_scale = fit_gate(gate_inputs, labels, len(tasks))

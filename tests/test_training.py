@@ -1,0 +1,156 @@
+"""The continual training loop end to end on a tiny random Llama and real offline dialogues
+(chatterbot-corpus categories as tasks): results and serving folder, fast-failing configs, a run
+killed with SIGKILL and restarted ends exactly like an uninterrupted one, and the 2-process DDP step
+(gloo) trains the same adapter as one process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("chatterbot_corpus")
+
+from serve_fixtures import tiny_llama_base  # noqa: E402
+
+from switchcit.data import write_chatterbot_tasks  # noqa: E402
+from switchcit.training import TrainConfig, train  # noqa: E402
+
+TASKS = ["greetings", "science"]
+SMALL = ["--steps", "8", "--batch-size", "4", "--eval-examples", "3", "--max-new-tokens", "3", "--checkpoint-every", "2",
+         "--retention", "0.5", "--max-length", "96"]
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    return tiny_llama_base(root / "base"), write_chatterbot_tasks(root / "tasks", TASKS)
+
+
+def command(base, tasks, out, methods="switchcit,sequential", extra=()):
+    return [sys.executable, "-m", "switchcit.cli", "train", "--base", str(base), "--tasks", ",".join(map(str, tasks)),
+            "--methods", methods, "--out", str(out), *SMALL, *extra]
+
+
+def run(cmd, **options):
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **options)
+
+
+def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(run_dir.glob("*/adapters/*/adapter_model.safetensors")):
+        tensors |= {f"{path.parent.name}/{k}": v for k, v in load_file(str(path)).items()}
+    for path in sorted(run_dir.glob("*/checkpoint.safetensors")):  # single-adapter methods' final weights
+        tensors |= {f"{path.parent.name}/{k}": v for k, v in load_file(str(path)).items() if k.startswith("param/")}
+    return tensors
+
+
+def results(run_dir: Path) -> dict:
+    return {m.name: json.loads((m / "results.json").read_text()) for m in sorted(run_dir.iterdir()) if (m / "results.json").is_file()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(stream, tmp_path_factory):
+    base, tasks = stream
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    done = run(command(base, tasks, out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout
+
+
+def test_run_writes_results_report_plots_and_a_servable_folder(uninterrupted, stream):
+    out, stdout = uninterrupted
+    for method in ("switchcit", "sequential"):
+        r = json.loads((out / method / "results.json").read_text())
+        assert r["tasks"] == TASKS and len(r["matrix"]) == 2 and all(len(row) == 2 for row in r["matrix"])
+        assert {"AP", "BWT", "FWT", "forgetting"} <= set(r)
+        assert (out / method / "matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(json.loads((out / "switchcit" / "results.json").read_text())["switch_accuracy"]) == 2
+    assert "| switchcit |" in (out / "report.md").read_text()
+    assert "AP" in stdout and "report.md" in stdout
+
+    from switchcit.switch import SwitchModel
+
+    model = SwitchModel.from_run(out)
+    assert model.switch.tasks == TASKS
+    texts, routed = model.generate(["Hello", "What is physics?"], max_new_tokens=2)
+    assert len(texts) == 2 and all(t in (*TASKS, None) for t in routed)
+
+
+def test_killed_run_resumes_to_the_same_adapters_and_results(uninterrupted, stream, tmp_path):
+    """SIGKILL mid-training (after a checkpoint) and again mid-way through the second method; the same
+    command then finishes the run, and everything equals the uninterrupted run."""
+    base, tasks = stream
+    out = tmp_path / "killed"
+    cmd = command(base, tasks, out)
+    for marker in (out / "switchcit" / "checkpoint.safetensors", out / "sequential" / "checkpoint.safetensors"):
+        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env=os.environ | {"OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 300
+        while not marker.is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    done = run(cmd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in (out / "train.log").read_text()
+
+    expected_dir, _ = uninterrupted
+    assert results(out) == results(expected_dir)
+    expected, got = adapter_tensors(expected_dir), adapter_tensors(out)
+    assert expected.keys() == got.keys() and expected
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_bad_configs_fail_before_training(stream, tmp_path):
+    base, tasks = stream
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train.jsonl").write_text("")
+    (empty / "test.jsonl").write_text("")
+    cases = {
+        "does not exist": dict(tasks=[str(tmp_path / "nowhere")]),
+        "has no examples": dict(tasks=[str(empty)]),
+        "unknown field name": dict(fields={"answer": "reply"}),
+        "unknown method": dict(methods=["switchcit", "finetune"]),
+        "has no config.json": dict(base=str(tmp_path)),
+        "steps must be at least 1": dict(steps=0),
+    }
+    for message, change in cases.items():
+        config = TrainConfig(base=str(base), tasks=[str(t) for t in tasks], out=str(tmp_path / "out")) 
+        for key, value in change.items():
+            setattr(config, key, value)
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train(config)
+        assert not (tmp_path / "out").exists(), "nothing written before the config is checked"
+    failed = run(command(base, [tmp_path / "nowhere"], tmp_path / "cli"))
+    assert failed.returncode != 0 and "does not exist" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_two_process_ddp_step_matches_one_process(stream, tmp_path):
+    """torchrun, 2 CPU processes on gloo, each half of every batch: the same adapter as one process
+    with the whole batch (dropout off, so both see the same function)."""
+    base, tasks = stream
+    extra = ["--dropout", "0", "--steps", "4"]
+    single = run(command(base, tasks[:1], tmp_path / "single", "sequential", extra))
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "switchcit.cli", *command(base, tasks[:1], tmp_path / "ddp", "sequential", extra)[3:]]
+    ddp = run(ddp_cmd)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "ddp")
+    assert one.keys() == two.keys() and one
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+    lora_b = [one[key] for key in one if ".lora_B." in key]
+    assert lora_b and max(float(b.abs().max()) for b in lora_b) > 0, "B starts at zero: it trained"
