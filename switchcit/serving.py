@@ -34,8 +34,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-import torch
-
 from switchcit.switch import SwitchModel
 
 # The serve extra (fastapi, uvicorn) is imported where a server is built, so `switchcit` runs without it.
@@ -47,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUTO", "BASE", "ApiError", "Batcher", "Generation", "GenerationRequest", "OpenAIRequest", "add_command",
-    "check_model", "create_app", "generate_tokens", "make_server", "parse_request",
+    "check_model", "create_app", "make_server", "parse_request",
 ]
 
 AUTO = "auto"  # model name: let the switch pick the adapter
@@ -316,49 +314,6 @@ class Generation:
     completion_tokens: int
 
 
-def stop_token_ids(model: SwitchModel) -> list[int]:
-    eos = model.model.generation_config.eos_token_id
-    if eos is None:
-        eos = model.tokenizer.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
-@torch.no_grad()
-def generate_tokens(model: SwitchModel, prompt_ids: Sequence[Sequence[int]], adapters: Sequence[str | None],
-                    max_new_tokens: Sequence[int], stop_ids: Sequence[int]) -> list[list[int]]:
-    """Greedy-generate every prompt (token ids) with its adapter (``None``: base model) in one mixed
-    batch; returns each prompt's new tokens, at most its ``max_new_tokens``, ending at its first stop
-    token if it reached one."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    device = next(model.model.parameters()).device
-    pad = model.tokenizer.pad_token_id
-    width = max(len(ids) for ids in prompt_ids)
-    # Left padding: every sequence's new tokens start at column `width`.
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in prompt_ids], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
-    limits = torch.tensor(list(max_new_tokens), device=device)
-
-    class OwnLimit(StoppingCriteria):
-        """A sequence is done at its own max_new_tokens: generate stops once all are done."""
-
-        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-            return input_ids.shape[1] - width >= limits
-
-    model.context.route(list(adapters), device=device)
-    output = model.model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=int(limits.max()), do_sample=False,
-        pad_token_id=pad, eos_token_id=list(stop_ids), stopping_criteria=StoppingCriteriaList([OwnLimit()]),
-    )
-    stops = set(stop_ids)
-    new_tokens = []
-    for row, limit in zip(output[:, width:].tolist(), max_new_tokens):
-        row = row[:limit]
-        end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
-        new_tokens.append(row[:end])
-    return new_tokens
-
-
 class BatchGenerator:
     """``run_batch`` of the server: routes the ``auto`` requests of a batch with the switch (one pass),
     then generates the whole batch in one call. Runs on the batcher's worker thread only."""
@@ -366,7 +321,7 @@ class BatchGenerator:
     def __init__(self, model: SwitchModel):
         self.model = model
         self.adapters = [name for name in model.context.names if name is not None]
-        self.stop_ids = stop_token_ids(model)
+        self.stop_ids = model.stop_token_ids()
 
     def __call__(self, requests: list[GenerationRequest]) -> list[Generation]:
         adapters = [r.model for r in requests]
@@ -375,7 +330,7 @@ class BatchGenerator:
             tasks = self.model.route([requests[i].routing_text for i in auto])
             for i, task in zip(auto, tasks):
                 adapters[i] = task if task in self.adapters else BASE  # unsure, or a task without adapter
-        new_tokens = generate_tokens(self.model, [r.prompt_ids for r in requests],
+        new_tokens = self.model.generate_ids([r.prompt_ids for r in requests],
                                      [None if a == BASE else a for a in adapters],
                                      [r.max_tokens for r in requests], self.stop_ids)
         return [self._generation(adapter, tokens) for adapter, tokens in zip(adapters, new_tokens)]

@@ -462,22 +462,62 @@ class SwitchModel:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], tasks: Sequence[str | None] | None = None, *,
-                 max_new_tokens: int = 64, chat: bool = True, **generate_kwargs) -> tuple[list[str], list[str | None]]:
-        """Generate for all prompts in one mixed batch; returns ``(texts, task per prompt)``. Tasks the
-        bank has no adapter for, and ``None``, use the base model."""
+                 max_new_tokens: int = 64, chat: bool = True) -> tuple[list[str], list[str | None]]:
+        """Generate (greedy) for all prompts in one mixed batch; returns ``(texts, task per prompt)``.
+        Tasks the bank has no adapter for, and ``None``, use the base model."""
         prompts = list(prompts)
         tasks = self.route(prompts) if tasks is None else list(tasks)
         if len(tasks) != len(prompts):
             raise ValueError(f"{len(tasks)} tasks for {len(prompts)} prompts")
         known = {n for n in self.context.names if n is not None}
-        self.context.route([t if t in known else None for t in tasks], device=next(self.model.parameters()).device)
         texts = [self._chat(p) for p in prompts] if chat and self.tokenizer.chat_template else prompts
-        inputs = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")  # new tokens follow every prompt
-        inputs = inputs.to(next(self.model.parameters()).device)
-        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), tasks
+        prompt_ids = self.tokenizer(texts, add_special_tokens=not (chat and self.tokenizer.chat_template))["input_ids"]
+        stops = self.stop_token_ids()
+        new_tokens = self.generate_ids(prompt_ids, [t if t in known else None for t in tasks],
+                                       [max_new_tokens] * len(prompts), stops)
+        return [self.tokenizer.decode([t for t in row if t not in stops], skip_special_tokens=True) for row in new_tokens], tasks
+
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], adapters: Sequence[str | None],
+                     max_new_tokens: Sequence[int], stop_ids: Sequence[int]) -> list[list[int]]:
+        """Greedy-generate every prompt (token ids) with its adapter (``None``: base model) in one mixed
+        batch with a KV cache; returns each prompt's new tokens, at most its own ``max_new_tokens``,
+        ending at its first stop token if it reached one — what the prompt gets when generated alone."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+        width = max(len(ids) for ids in prompt_ids)
+        # Left padding: every sequence's new tokens start at column `width`.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in prompt_ids], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
+        limits = torch.tensor(list(max_new_tokens), device=device)
+
+        class OwnLimit(StoppingCriteria):
+            """A sequence is done at its own max_new_tokens: generate stops once all are done."""
+
+            def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+                return input_ids.shape[1] - width >= limits
+
+        self.context.route(list(adapters), device=device)
+        output = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=int(limits.max()), do_sample=False,
+            pad_token_id=pad, eos_token_id=list(stop_ids), stopping_criteria=StoppingCriteriaList([OwnLimit()]),
+        )
+        stops = set(stop_ids)
+        new_tokens = []
+        for row, limit in zip(output[:, width:].tolist(), max_new_tokens):
+            row = row[:limit]
+            end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+            new_tokens.append(row[:end])
+        return new_tokens
+
+    def stop_token_ids(self) -> list[int]:
+        """The tokens that end an answer: the generation config's EOS (chat models: end of turn)."""
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos)
 
     def _chat(self, prompt: str) -> str:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,

@@ -425,9 +425,14 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
 
 def _target_loss(model, input_ids, labels, attention_mask) -> torch.Tensor:
     """Mean over examples of each example's mean target-token loss: with equal shares per rank, the
-    data-parallel average of gradients equals the single-process gradient of the whole batch."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    data-parallel average of gradients equals the single-process gradient of the whole batch. Logits
+    are computed only from the first position that predicts a target token on (the vocabulary
+    projection dominates the cost when prompts are long and targets short)."""
     targets = labels[:, 1:]
+    predicting = (targets != IGNORE).any(0).nonzero()
+    keep = targets.shape[1] - int(predicting[0]) if len(predicting) else 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep + 1).logits[:, :-1].float()
+    targets = targets[:, -keep:]
     token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     counted = (targets != IGNORE).sum(1).clamp(min=1)
     return (token_loss.sum(1) / counted).mean()

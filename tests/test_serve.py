@@ -17,7 +17,7 @@ pytest.importorskip("peft")
 
 from serve_fixtures import TASKS, TOPICS, TRAINED_TOPICS, serving, task_prompts, tiny_run  # noqa: E402
 
-from switchcit.serving import create_app, generate_tokens  # noqa: E402
+from switchcit.serving import create_app  # noqa: E402
 from switchcit.switch import SwitchModel  # noqa: E402
 
 MAX_PROMPT_TOKENS, MAX_NEW_TOKENS = 256, 16
@@ -147,10 +147,10 @@ def test_each_sequence_ends_at_its_first_stop_token_or_its_own_limit(run_dir):
     model = SwitchModel.from_run(run_dir)
     prompts = [model.tokenizer(p)["input_ids"] for p in ["Write a haiku about rain.", "hello", "Is it?"]]
     adapters, limits = ["haiku", None, "factcheck"], [6, 6, 3]
-    free = generate_tokens(model, prompts, adapters, limits, stop_ids=[])
+    free = model.generate_ids(prompts, adapters, limits, stop_ids=[])
     assert [len(row) for row in free] == limits
     stop = free[0][2]
-    cut = generate_tokens(model, prompts, adapters, limits, stop_ids=[stop])
+    cut = model.generate_ids(prompts, adapters, limits, stop_ids=[stop])
     expected = [row[:row.index(stop) + 1] if stop in row else row for row in free]
     assert cut == expected and len(cut[0]) <= 3
 

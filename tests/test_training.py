@@ -154,3 +154,25 @@ def test_two_process_ddp_step_matches_one_process(stream, tmp_path):
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
     lora_b = [one[key] for key in one if ".lora_B." in key]
     assert lora_b and max(float(b.abs().max()) for b in lora_b) > 0, "B starts at zero: it trained"
+
+
+def test_target_loss_reads_only_the_logits_it_needs(generator):
+    """The loss from logits of the target positions only equals the loss from all logits (ragged
+    prompts and targets, right padding)."""
+    import transformers
+
+    from switchcit.training import IGNORE, _target_loss
+
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    input_ids = torch.randint(0, 100, (3, 12), generator=generator)
+    labels = input_ids.clone()
+    labels[0, :7] = labels[1, :9] = labels[2, :5] = IGNORE  # prompts
+    labels[2, 10:] = IGNORE  # padding
+    logits = model(input_ids=input_ids).logits[:, :-1]
+    targets = labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    expected = (token_loss.sum(1) / (targets != IGNORE).sum(1)).mean()
+    torch.testing.assert_close(_target_loss(model, input_ids, labels, torch.ones_like(input_ids)), expected)
