@@ -1,6 +1,7 @@
 """The switch: task routing from a retained sample, persistence and
 adding a task, with the real SmolLM2 encoder on small prompt sets."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,26 @@ def test_route_hidden_fused_kernel_matches_torch(generator):
         switch.route_hidden(hidden, embeddings, mask, task_to_adapter[:2])
     with pytest.raises(ValueError, match="must be"):
         switch.route_hidden(hidden, embeddings[:, :3], mask, task_to_adapter)
+
+
+CIT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cit"
+
+
+@pytest.mark.skipif(not CIT_DATA.is_dir(), reason="needs ../shared/data/cit")
+def test_switch_on_the_real_tasks_routes_right_and_sends_an_unseen_task_to_base(encoder):
+    """The user contract on real data: the default switch (last-token features of SmolLM2) trained on
+    1 % of each task's train split routes held-out test prompts to their task, and sends prompts of a
+    task it never saw (every chatterbot-corpus utterance) to the base model ≥ 90 % of the time."""
+    from switchcit.data import chatterbot_dialogues, load_task, retained_sample
+
+    tasks = ["simplification", "explanation", "haiku", "covidfact"]
+    retained = {t: retained_sample([e.prompt for e in load_task(CIT_DATA / t, "train")], 0.01) for t in tasks}
+    switch = Switch.train([p for t in tasks for p in retained[t]], [t for t in tasks for _ in retained[t]], encoder=encoder)
+    test = {t: retained_sample([e.prompt for e in load_task(CIT_DATA / t, "test")], 1.0, seed=1)[:40] for t in tasks}
+    routed = switch.route([p for t in tasks for p in test[t]])
+    right = sum(r == t for r, t in zip(routed, [t for t in tasks for _ in test[t]]))
+    assert right >= 0.99 * len(routed), f"{right}/{len(routed)} routed to their task"
+
+    unseen = sorted({a for pairs in chatterbot_dialogues().values() for a, _ in pairs})
+    to_base = switch.route(unseen).count(None)
+    assert to_base >= 0.9 * len(unseen), f"{to_base}/{len(unseen)} unseen-task prompts to the base model"
