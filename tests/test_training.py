@@ -85,6 +85,18 @@ def test_run_writes_results_report_plots_and_a_servable_folder(uninterrupted, st
     assert len(texts) == 2 and all(t in (*TASKS, None) for t in routed)
 
 
+def test_eval_reevaluates_the_saved_run(uninterrupted):
+    """``switchcit eval RUN_DIR`` rebuilds every method's final stage from what the run saved (adapter
+    folders, checkpoints, the switch) and gets the last row of R again."""
+    out, _ = uninterrupted
+    done = run([sys.executable, "-m", "switchcit.cli", "eval", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    for method in ("switchcit", "sequential"):
+        final = json.loads((out / method / "results.json").read_text())["matrix"][-1]
+        assert json.loads((out / method / "eval.json").read_text()) == dict(zip(TASKS, final))
+        assert method in done.stdout
+
+
 def test_killed_run_resumes_to_the_same_adapters_and_results(uninterrupted, stream, tmp_path):
     """SIGKILL mid-training (after a checkpoint) and again mid-way through the second method; the same
     command then finishes the run, and everything equals the uninterrupted run."""
