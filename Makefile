@@ -26,9 +26,10 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# SmolLM2-135M-Instruct tuned on a short task stream (../shared/data/cit, else chatterbot-corpus), then a
+# mixed batch routed by the switch; the run goes to demo-run/ (re-running continues it).
 demo: $(STAMP)
-	TRITON_INTERPRET=$${TRITON_INTERPRET:-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
-		$(PY) -m switchcit.cli demo
+	$(PY) -m switchcit.cli demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_lora_linear.py

@@ -12,11 +12,13 @@ from switchcit.hf import accelerate, load_adapters, restore, route, routing_cont
 from switchcit.modules import BASE, MultiLoraLinear, RoutingContext
 from switchcit.ops import lora_delta, lora_linear
 from switchcit.routing import RoutingPlan, build_routing_plan
+from switchcit.switch import Switch, SwitchModel
 
 __version__ = "0.1.0"
 __all__ = [
     "ops", "lora_delta", "lora_linear", "RoutingPlan", "build_routing_plan",
     "BASE", "MultiLoraLinear", "RoutingContext",
     "accelerate", "restore", "route", "routing_context", "load_adapters", "save_adapter",
+    "Switch", "SwitchModel",
     "__version__",
 ]

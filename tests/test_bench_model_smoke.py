@@ -1,4 +1,4 @@
-"""The model benchmark runs end to end: its ``--smoke`` run (tiniest Llama, float32, CPU) checks switchcit's
+"""The model benchmarks run end to end. bench_model.py's ``--smoke`` run (tiniest Llama, float32, CPU) checks switchcit's
 logits against PEFT's, times every method on every batch and writes the JSON and markdown reports."""
 import json
 import math
@@ -31,3 +31,16 @@ def test_model_benchmark_smoke(tmp_path):
     assert len(report["headline"]) == len(batches)
 
     assert "switchcit mixed 8 / base" in (tmp_path / "model-cpu-smoke.md").read_text()
+
+
+def test_switch_cost_benchmark_smoke(tmp_path):
+    """The routing-cost benchmark runs end to end (tiny Llama, CPU) and reports every step."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_switch_cost.py", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "switch-cost-smoke.json").read_text())["result"]
+    assert len(result["ms"]) == 5 and all(math.isfinite(ms) and ms > 0 for ms in result["ms"].values())
+    assert result["percent_of_forward"]["forward (prefill, 8 adapters mixed)"] == 100
+    assert "routing / forward" in (tmp_path / "switch-cost-smoke.md").read_text()
