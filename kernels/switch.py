@@ -64,6 +64,15 @@ def _pool_kernel(
 
 
 @triton.jit
+def _normalised(row_ptr, mean_ptr, scale_ptr, d, d_mask):
+    """A block of a pooled feature row, standardised as the switch was trained (0 outside the row)."""
+    pooled = tl.load(row_ptr + d, mask=d_mask, other=0.0)
+    mean = tl.load(mean_ptr + d, mask=d_mask, other=0.0)
+    scale = tl.load(scale_ptr + d, mask=d_mask, other=1.0)
+    return tl.where(d_mask, (pooled - mean) / scale, 0.0)
+
+
+@triton.jit
 def _classify_kernel(
     pooled_ptr, gate_pooled_ptr, mean_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     gate_mean_ptr, gate_scale_ptr, class_means_ptr, components_ptr, task_to_adapter_ptr,
@@ -81,10 +90,7 @@ def _classify_kernel(
     for d0 in range(0, features, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < features
-        pooled = tl.load(pooled_ptr + row * features + d, mask=d_mask, other=0.0)
-        mean = tl.load(mean_ptr + d, mask=d_mask, other=0.0)
-        scale = tl.load(scale_ptr + d, mask=d_mask, other=1.0)
-        normalised = tl.where(d_mask, (pooled - mean) / scale, 0.0)
+        normalised = _normalised(pooled_ptr + row * features, mean_ptr, scale_ptr, d, d_mask)
         w1 = tl.load(w1_ptr + units[:, None] * stride_w1h + d[None, :] * stride_w1d,
                      mask=units_mask[:, None] & d_mask[None, :], other=0.0)
         layer1 += tl.sum(w1 * normalised[None, :], axis=1)
@@ -107,11 +113,9 @@ def _classify_kernel(
     for d0 in range(0, features, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < features
-        pooled = tl.load(gate_pooled_ptr + row * features + d, mask=d_mask, other=0.0)
-        mean = tl.load(gate_mean_ptr + d, mask=d_mask, other=0.0)
-        scale = tl.load(gate_scale_ptr + d, mask=d_mask, other=1.0)
         class_mean = tl.load(class_means_ptr + task * stride_cn + d * stride_cd, mask=d_mask, other=0.0)
-        offset = tl.where(d_mask, (pooled - mean) / scale - class_mean, 0.0)
+        offset = tl.where(d_mask, _normalised(gate_pooled_ptr + row * features, gate_mean_ptr, gate_scale_ptr, d, d_mask)
+                          - class_mean, 0.0)
         squared += tl.sum(offset * offset, axis=0)
         c = tl.load(components_ptr + components[:, None] * stride_kk + d[None, :] * stride_kd,
                     mask=components_mask[:, None] & d_mask[None, :], other=0.0)
