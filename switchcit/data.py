@@ -1,4 +1,5 @@
-"""Task data: JSONL task folders (``<folder>/{train,test}.jsonl``), retained samples, and real offline
+"""Task data: JSONL task folders (``<folder>/{train,test}.jsonl``) or Hugging Face datasets
+(``hf:NAME[:CONFIG]``), retained samples, and real offline
 dialogues from ``chatterbot-corpus`` (an unseen task for the switch, or a default task stream).
 
 One example per JSONL line with at least ``prompt`` and ``target``; ``references`` (all reference
@@ -9,11 +10,11 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Example", "chatterbot_dialogues", "load_task", "retained_sample", "write_chatterbot_tasks"]
+__all__ = ["Example", "chatterbot_dialogues", "load_task", "retained_sample", "task_name", "write_chatterbot_tasks"]
 
 FIELDS = ("prompt", "target", "references", "source", "label")
 
@@ -28,42 +29,71 @@ class Example:
     label: str | None = None
 
 
-def load_task(folder: str | Path, split: str = "train", fields: Mapping[str, str] | None = None,
+HF_PREFIX = "hf:"  # a Hugging Face dataset instead of a task folder: hf:NAME or hf:NAME:CONFIG
+
+
+def task_name(source: str | Path) -> str:
+    """A task's name: its folder's name, or the dataset's (``hf:org/name`` → ``name``)."""
+    source = str(source)
+    return Path(source[len(HF_PREFIX):].split(":")[0] if source.startswith(HF_PREFIX) else source).name
+
+
+def load_task(source: str | Path, split: str = "train", fields: Mapping[str, str] | None = None,
               limit: int | None = None) -> list[Example]:
-    """The examples of ``<folder>/<split>.jsonl``; the task is named after the folder. ``fields`` maps
-    our names (prompt, target, references, source, label) to the file's keys. Clear errors for a missing
-    folder or file, an empty file, an unknown field name, or a line missing a needed key."""
-    folder = Path(folder)
+    """The examples of a task: ``<folder>/<split>.jsonl``, or ``hf:NAME[:CONFIG]``, a Hugging Face
+    dataset (a hub name or a local dataset folder; needs ``datasets``). ``fields`` maps our names
+    (prompt, target, references, source, label) to the data's keys. Clear errors for a missing folder
+    or file, an empty task, an unknown field name, or a row missing a needed key."""
     fields = dict(fields or {})
     unknown = set(fields) - set(FIELDS)
     if unknown:
         raise ValueError(f"unknown field name(s) {sorted(unknown)} in the field mapping; known: {', '.join(FIELDS)}")
+    key = {name: fields.get(name, name) for name in FIELDS}
+    name = task_name(source)
+    examples = []
+    for where, row in _rows(source, split):
+        missing = [key[n] for n in ("prompt", "target") if key[n] not in row]
+        if missing:
+            raise ValueError(f"{where} has no {' or '.join(map(repr, missing))} field")
+        target = str(row[key["target"]])
+        references = row.get(key["references"])
+        examples.append(Example(
+            task=name, prompt=str(row[key["prompt"]]), target=target,
+            references=[str(r) for r in references] if references else [target],
+            source=row.get(key["source"]), label=row.get(key["label"]),
+        ))
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise ValueError(f"task {source} ({split}) has no examples")
+    return examples
+
+
+def _rows(source: str | Path, split: str) -> Iterator[tuple[str, dict]]:
+    """``(where, row)`` for each example of a JSONL task folder or a Hugging Face dataset."""
+    if str(source).startswith(HF_PREFIX):
+        try:
+            import datasets
+        except ImportError as err:
+            raise ImportError(f"{source} needs the datasets package: pip install datasets") from err
+        name, _, config = str(source)[len(HF_PREFIX):].partition(":")
+        try:
+            dataset = datasets.load_dataset(name, config or None, split=split)
+        except (FileNotFoundError, ValueError) as err:
+            raise FileNotFoundError(f"dataset {name!r} (split {split!r}) cannot be loaded: {err}") from None
+        for number, row in enumerate(dataset):
+            yield f"{source} [{split}] row {number}", row
+        return
+    folder = Path(source)
     if not folder.is_dir():
         raise FileNotFoundError(f"task folder {folder} does not exist")
     path = folder / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"task folder {folder} has no {split}.jsonl")
-    key = {name: fields.get(name, name) for name in FIELDS}
-    examples = []
     with path.open() as lines:
         for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            missing = [key[n] for n in ("prompt", "target") if key[n] not in row]
-            if missing:
-                raise ValueError(f"{path}:{number} has no {' or '.join(map(repr, missing))} field")
-            target = str(row[key["target"]])
-            examples.append(Example(
-                task=folder.name, prompt=str(row[key["prompt"]]), target=target,
-                references=[str(r) for r in row.get(key["references"], [target])],
-                source=row.get(key["source"]), label=row.get(key["label"]),
-            ))
-            if limit is not None and len(examples) >= limit:
-                break
-    if not examples:
-        raise ValueError(f"{path} has no examples")
-    return examples
+            if line.strip():
+                yield f"{path}:{number}", json.loads(line)
 
 
 def retained_sample(items: Sequence, fraction: float, seed: int = 0) -> list:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from switchcit.data import Example, load_task, retained_sample
+from switchcit.data import Example, load_task, retained_sample, task_name
 from switchcit.evaluation import chat_text, evaluate_tasks, routing_accuracy
 from switchcit.metrics import results_dict
 from switchcit.modules import BASE
@@ -57,7 +57,7 @@ IGNORE = -100  # label of tokens outside the target (prompt, padding)
 @dataclass
 class TrainConfig:
     base: str  # a transformers model folder
-    tasks: list[str]  # task folders (<folder>/{train,test}.jsonl), in stream order
+    tasks: list[str]  # in stream order: folders (<folder>/{train,test}.jsonl) or hf:NAME[:CONFIG] datasets
     out: str
     methods: list[str] = field(default_factory=lambda: ["switchcit", "sequential"])
     steps: int = 100  # optimizer steps per task (multitask: steps × tasks)
@@ -94,7 +94,7 @@ class TrainConfig:
             raise ValueError(f"need lr > 0, 0 < retention ≤ 1, 0 ≤ dropout < 1 (got {self.lr}, {self.retention}, {self.dropout})")
         if not (Path(self.base) / "config.json").is_file():
             raise FileNotFoundError(f"base model folder {self.base} has no config.json")
-        names = [Path(t).name for t in self.tasks]
+        names = self.task_names
         if len(set(names)) != len(names):
             raise ValueError(f"task folder names must differ (they name the adapters): {names}")
         for folder in self.tasks:
@@ -103,7 +103,7 @@ class TrainConfig:
 
     @property
     def task_names(self) -> list[str]:
-        return [Path(t).name for t in self.tasks]
+        return [task_name(t) for t in self.tasks]
 
     def save(self) -> None:
         _write_json(Path(self.out) / CONFIG_FILE, dataclasses.asdict(self))
@@ -513,7 +513,9 @@ def add_command(commands) -> None:
         "train", help="continual instruction tuning over a task stream, comparing methods",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="base model folder (transformers format)")
-    parser.add_argument("--tasks", required=True, type=_comma_list, help="task folders in stream order: DIR[,DIR...]")
+    parser.add_argument("--tasks", required=True, type=_comma_list,
+                        help="tasks in stream order: DIR[,DIR...]; a DIR holds train.jsonl and test.jsonl; "
+                             "hf:NAME[:CONFIG] names a Hugging Face dataset (with train and test splits)")
     parser.add_argument("--out", required=True, help="run folder (re-run the same command to continue it)")
     parser.add_argument("--methods", type=_comma_list, default=defaults.methods, help=f"comma-separated, of: {', '.join(METHODS)}")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per task")
