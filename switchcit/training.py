@@ -341,7 +341,8 @@ class Trainer:
             self.switch = self._train_switch(stage)
             choose = self._switch_routes
         elif method == "oracle":
-            choose = lambda tasks, prompts: list(tasks)  # the true task's adapter
+            seen = set(self.tasks[: stage + 1])  # the true task's adapter, once it has one
+            choose = lambda tasks, prompts: [task if task in seen else BASE for task in tasks]
         else:
             choose = lambda tasks, prompts: [method] * len(prompts)  # one adapter for all
         scores, routed = self._evaluate(choose)

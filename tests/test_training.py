@@ -188,3 +188,28 @@ def test_target_loss_reads_only_the_logits_it_needs(generator):
     token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     expected = (token_loss.sum(1) / (targets != IGNORE).sum(1)).mean()
     torch.testing.assert_close(_target_loss(model, input_ids, labels, torch.ones_like(input_ids)), expected)
+
+
+def test_each_method_routes_evaluation_prompts_to_the_adapters_it_has(stream, tmp_path, monkeypatch):
+    """At stage t: oracle sends a task's prompts to its adapter only once that task was trained (the
+    base model before), sequential sends every prompt to its one adapter, and the base row uses none."""
+    import switchcit.training as training
+
+    base, tasks = stream
+    calls = []
+    real = training.evaluate_tasks
+
+    def recording(model, tokenizer, eval_sets, choose, **options):
+        names = [t for t, examples in eval_sets.items() for _ in examples]
+        calls.append(dict(zip(names, choose(names, [e.prompt for x in eval_sets.values() for e in x]) or [None] * len(names))))
+        return real(model, tokenizer, eval_sets, choose, **options)
+
+    monkeypatch.setattr(training, "evaluate_tasks", recording)
+    config = TrainConfig(base=str(base), tasks=[str(t) for t in tasks], out=str(tmp_path / "run"),
+                         methods=["oracle", "sequential"], steps=2, batch_size=2, eval_examples=2, max_new_tokens=2)
+    train(config)
+    baseline, oracle_0, oracle_1, sequential_0, sequential_1 = calls
+    assert baseline == {"greetings": None, "science": None}
+    assert oracle_0 == {"greetings": "greetings", "science": "__base__"}
+    assert oracle_1 == {"greetings": "greetings", "science": "science"}
+    assert sequential_0 == sequential_1 == {"greetings": "sequential", "science": "sequential"}
