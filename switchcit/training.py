@@ -140,7 +140,8 @@ class Trainer:
         self.eval_sets = {n: _sample(load_task(t, "test", config.fields), config.eval_examples, config.seed)
                           for n, t in zip(self.tasks, config.tasks)}
         self.retained = {n: retained_sample(examples, config.retention, config.seed) for n, examples in self.train_sets.items()}
-        self.switch = None
+        self.switch = None  # the switch over the tasks seen so far (method switchcit)
+        self.last_switch_accuracy: float | None = None
 
     # ------------------------------------------------------------------ the stream
 
