@@ -182,8 +182,8 @@ class Trainer:
         adapter = self._prepare_adapter(method, stage, trains)
         if trains:
             self.train_adapter(method, adapter, stage, self._training_examples(method, stage))
-        if method in PER_TASK_ADAPTERS and self.rank == 0:
-            self._save_serving_folder(stage)
+            if method in PER_TASK_ADAPTERS and self.rank == 0:
+                self._save_serving_folder(stage)
         _barrier()
         return self.evaluate(method, stage)
 

@@ -213,3 +213,21 @@ def test_each_method_routes_evaluation_prompts_to_the_adapters_it_has(stream, tm
     assert oracle_0 == {"greetings": "greetings", "science": "__base__"}
     assert oracle_1 == {"greetings": "greetings", "science": "science"}
     assert sequential_0 == sequential_1 == {"greetings": "sequential", "science": "sequential"}
+
+
+def test_restart_between_methods_loads_the_shared_per_task_adapters(stream, tmp_path):
+    """A restart after switchcit finished and before oracle began: oracle evaluates the per-task
+    adapters switchcit saved (loaded from their folders, nothing retrained) and gets its full matrix."""
+    import shutil
+
+    base, tasks = stream
+    config = TrainConfig(base=str(base), tasks=[str(t) for t in tasks], out=str(tmp_path / "run"),
+                         methods=["switchcit", "oracle"], steps=2, batch_size=2, eval_examples=2, max_new_tokens=2)
+    first = train(config)
+    adapters = adapter_tensors(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "oracle")  # as if killed right after switchcit's last stage
+    again = train(config)
+    assert again["oracle"]["matrix"] == first["oracle"]["matrix"] and len(again["oracle"]["matrix"]) == 2
+    assert adapter_tensors(tmp_path / "run").keys() == adapters.keys()
+    for key, value in adapters.items():
+        assert torch.equal(adapter_tensors(tmp_path / "run")[key], value), key
