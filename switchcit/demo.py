@@ -41,7 +41,8 @@ def demo(args: argparse.Namespace) -> None:
         base=str(smollm2_135m_instruct()), tasks=[str(t) for t in tasks], out=str(out / "run"),
         methods=["switchcit", "sequential"], steps=args.steps, batch_size=2, lr=1e-3, rank=8, alpha=16,
         train_examples=400, eval_examples=args.eval_examples, max_length=128, max_new_tokens=24, eval_batch_size=16,
-        retention=0.02, checkpoint_every=10, seed=args.seed,
+        retention=0.02 if shared else 0.25,  # chatterbot categories hold only 20-300 dialogues
+        checkpoint_every=10, seed=args.seed,
     )
     _log_to(out / "run" / "train.log")
     results = train(config)
