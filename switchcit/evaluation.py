@@ -15,17 +15,11 @@ import torch
 
 from switchcit.data import Example
 from switchcit.metrics import main_metric, score_task
+from switchcit.switch import chat_text
 
-__all__ = ["add_command", "chat_text", "evaluate_tasks", "generate", "reevaluate", "routing_accuracy"]
+__all__ = ["add_command", "evaluate_tasks", "generate", "reevaluate", "routing_accuracy"]
 
 logger = logging.getLogger("switchcit")
-
-
-def chat_text(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it: in its chat template when it has one."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return prompt
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Switch", "SwitchHead", "SwitchModel", "classify_reference", "encode_features", "pool_features", "route_reference"]
+__all__ = ["Switch", "SwitchHead", "SwitchModel", "chat_text", "classify_reference", "encode_features", "pool_features", "route_reference"]
 
 SWITCH_WEIGHTS = "switch.safetensors"
 SWITCH_CONFIG = "switch.json"
@@ -388,6 +388,13 @@ def encode_features(prompts: Sequence[str], encoder, tokenizer, features: Sequen
     return {f: torch.cat(c)[inverse] if c else torch.zeros(0, encoder.config.hidden_size) for f, c in chunks.items()}
 
 
+def chat_text(tokenizer, prompt: str) -> str:
+    """The prompt as the model sees it: a user turn in its chat template, when it has one."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
 class SwitchModel:
     """Base model + adapter bank + switch: routes every prompt to its task's adapter and generates the
     whole mixed batch together (prompt → switch → routing plan → adapter-bank layers → output).
@@ -470,7 +477,7 @@ class SwitchModel:
         if len(tasks) != len(prompts):
             raise ValueError(f"{len(tasks)} tasks for {len(prompts)} prompts")
         known = {n for n in self.context.names if n is not None}
-        texts = [self._chat(p) for p in prompts] if chat and self.tokenizer.chat_template else prompts
+        texts = [chat_text(self.tokenizer, p) for p in prompts] if chat else prompts
         prompt_ids = self.tokenizer(texts, add_special_tokens=not (chat and self.tokenizer.chat_template))["input_ids"]
         stops = self.stop_token_ids()
         new_tokens = self.generate_ids(prompt_ids, [t if t in known else None for t in tasks],
@@ -518,7 +525,3 @@ class SwitchModel:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         return [eos] if isinstance(eos, int) else list(eos)
-
-    def _chat(self, prompt: str) -> str:
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True)

@@ -38,9 +38,10 @@ import torch
 from torch import nn
 
 from switchcit.data import Example, load_task, retained_sample, task_name
-from switchcit.evaluation import chat_text, evaluate_tasks, routing_accuracy
+from switchcit.evaluation import evaluate_tasks, routing_accuracy
 from switchcit.metrics import results_dict
 from switchcit.modules import BASE
+from switchcit.switch import chat_text
 
 __all__ = ["METHODS", "TrainConfig", "Trainer", "add_command", "train"]
 

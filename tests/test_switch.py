@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from switchcit.switch import Switch, pool_features  # noqa: E402
+from switchcit.switch import Switch, chat_text, pool_features  # noqa: E402
 
 TASKS = {
     "haiku": ["Write a haiku about {}.", "Compose a haiku on the topic of {}.", "Give me a haiku that mentions {}."],
@@ -97,7 +97,7 @@ def test_switch_model_routes_and_generates_a_mixed_batch(encoder, tmp_path):
     assert texts != texts_base, "adapters change the answers"
 
     tokenizer = model.tokenizer
-    chats = [model._chat(p) for p in batch]
+    chats = [chat_text(tokenizer, p) for p in batch]
     inputs = tokenizer(chats, return_tensors="pt", padding=True, padding_side="left")
     expected = peft_model.eval().generate(**inputs, adapter_names=tasks, max_new_tokens=6, do_sample=False,
                                           pad_token_id=tokenizer.pad_token_id)
