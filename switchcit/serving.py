@@ -366,7 +366,8 @@ def create_app(model: SwitchModel, *, max_batch_size: int = 16, batch_window_ms:
         raise ValueError(f"adapter names {sorted(reserved)} are reserved model names: rename them")
     batcher = batcher_class(generator, max_batch_size=max_batch_size, batch_window_s=batch_window_ms / 1e3,
                             max_queue=max_queue, drain_timeout_s=drain_timeout_s)
-    # The worker thread's tokenizer pads batches for the switch (state it mutates): requests get their own.
+    # A fast tokenizer sets padding/truncation state on each padded call (the worker thread's switch pass):
+    # calls from two threads at once can clash ("Already borrowed"), so requests get their own copy.
     tokenizer = copy.deepcopy(model.tokenizer)
     created = int(time.time())
 
