@@ -6,7 +6,7 @@ Hugging Face's `kernels` distribution.
 from glob import glob
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 core = Pybind11Extension(
     "switchcit._C",
@@ -19,7 +19,7 @@ core = Pybind11Extension(
 )
 
 setup(
-    packages=["switchcit", "switchcit.kernels"],
+    packages=find_packages(include=["switchcit", "switchcit.*"]) + ["switchcit.kernels"],
     package_dir={"switchcit.kernels": "kernels"},
     ext_modules=[core],
     cmdclass={"build_ext": build_ext},

@@ -27,7 +27,7 @@ from common import REPO, median_ms, run_metadata
 from torch import nn
 
 from switchcit.ops import lora_delta
-from switchcit.reference import lora_delta_reference
+from switchcit.ops.naive import lora_delta_reference
 
 METHODS = ("peft_loop", "cpp", "torch")
 TARGETS = {"forward": 5.0, "forward+backward": 3.0}  # minimum speed-up of cpp over peft_loop

@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from common import REPO, capture, median_ms, run_metadata, warm_up
 
 from switchcit.ops import lora_linear
-from switchcit.reference import lora_delta_reference
-from switchcit.routing import RoutingPlan, build_routing_plan
+from switchcit.ops.naive import lora_delta_reference
+from switchcit.ops.routing import RoutingPlan, build_routing_plan
 
 WORKLOADS = ("identical", "uniform", "distinct", "skewed")
 METHODS = ("base", "switchcit", "peft_loop", "grouped_mm")

@@ -184,7 +184,7 @@ def main() -> None:
         elif args.smoke:
             run, model_name = build_run(Path(scratch)), "random Llama, 2 layers, hidden 64 (SmolLM2 tokenizer)"
         else:
-            from switchcit.models import smollm2_135m_instruct
+            from switchcit.pretrained import smollm2_135m_instruct
 
             run = build_run(Path(scratch), base_folder=smollm2_135m_instruct(), rank=16)
             model_name = "SmolLM2-135M-Instruct, float32, random LoRA adapters r16 on q_proj, v_proj, down_proj"

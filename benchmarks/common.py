@@ -80,3 +80,22 @@ def capture(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def write_results(out: Path, name: str, title: str, meta: dict, rows: list[dict], header: list[str],
+                  table: list[list[str]], notes: str = "") -> tuple[Path, Path]:
+    """``out/name.json`` (metadata + rows) and ``out/name.md`` (metadata, the table, notes)."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [f"# {title}", ""] + [f"- {key}: `{value}`" for key, value in meta.items()] + [""]
+    lines += markdown_table(header, table) + ["", notes.strip(), ""]
+    md_path.write_text("\n".join(lines))
+    return json_path, md_path

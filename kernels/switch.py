@@ -13,7 +13,7 @@ Two launches, no host synchronisation (so routing can sit inside a captured CUDA
 Pooling needs every token of a feature block, the MLP needs every feature of a sequence: splitting
 there lets pooling spread over ``B × D/BLOCK_D`` programs. The MLP and gate are small (D → ~200 →
 tasks, K ≤ 128 components), so they use broadcasts and row sums rather than ``tl.dot``. The reference
-is ``switchcit.switch.route_reference``.
+is ``switchcit.ops.naive.route_reference``.
 """
 from __future__ import annotations
 

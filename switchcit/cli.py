@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMAND_MODULES = ("switchcit.demo", "switchcit.training", "switchcit.evaluation", "switchcit.serving", "switchcit.gateway")
+COMMAND_MODULES = ("switchcit.demo", "switchcit.cit.commands", "switchcit.serving.app", "switchcit.serving.gateway")
 
 
 def main(argv: list[str] | None = None) -> None:

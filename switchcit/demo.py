@@ -20,7 +20,7 @@ CHATTERBOT_TASKS = ("greetings", "science", "food")
 
 def task_stream(data: Path, work: Path) -> tuple[list[Path], bool]:
     """The demo's task folders and whether they are the shared CIT tasks."""
-    from switchcit.data import write_chatterbot_tasks
+    from switchcit.cit.data import write_chatterbot_tasks
 
     if all((data / task / "train.jsonl").is_file() for task in SHARED_TASKS):
         return [data / task for task in SHARED_TASKS], True
@@ -28,10 +28,12 @@ def task_stream(data: Path, work: Path) -> tuple[list[Path], bool]:
 
 
 def demo(args: argparse.Namespace) -> None:
-    from switchcit.data import load_task
-    from switchcit.models import smollm2_135m_instruct
-    from switchcit.switch import SwitchModel
-    from switchcit.training import TrainConfig, _log_to, print_summary, train
+    from switchcit.cit.commands import log_to, print_summary
+    from switchcit.cit.config import TrainConfig
+    from switchcit.cit.data import load_task
+    from switchcit.cit.trainer import train
+    from switchcit.pipeline import SwitchModel
+    from switchcit.pretrained import smollm2_135m_instruct
 
     out = Path(args.out)
     tasks, shared = task_stream(Path(args.data), out)
@@ -44,16 +46,16 @@ def demo(args: argparse.Namespace) -> None:
         retention=0.02 if shared else 0.25,  # chatterbot categories hold only 20-300 dialogues
         checkpoint_every=10, seed=args.seed,
     )
-    _log_to(out / "run" / "train.log")
+    log_to(out / "run" / "train.log")
     results = train(config)
     print_summary(results, Path(config.out))
 
     model = SwitchModel.from_run(config.out)
     prompts = [load_task(t, "test", limit=2)[1].prompt for t in tasks] + ["Tell me a joke about computers."]
     texts, routed = model.generate(prompts, max_new_tokens=24)
-    print("\nA mixed batch, one generate call (the switch picks each prompt's adapter; None = base model):")
-    for prompt, task, text in zip(prompts, routed, texts):
-        print(f"  [{task or 'base'}] {_short(prompt)}\n      → {_short(text)}")
+    print("\nA mixed batch, one routed generate (the switch picks each prompt's adapter inside the forward):")
+    for prompt, adapter, text in zip(prompts, routed, texts):
+        print(f"  [{adapter or 'base'}] {_short(prompt)}\n      → {_short(text)}")
 
 
 def _short(text: str, width: int = 100) -> str:

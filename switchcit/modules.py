@@ -1,9 +1,15 @@
-"""PyTorch modules: a shared routing context and the adapter-bank linear layer.
+"""PyTorch modules: a model's routing context and the adapter-bank linear layer.
 
-A model holds one :class:`RoutingContext`. Before a forward (or a whole ``generate``), the caller
-sets one adapter per sequence (``context.route(...)``); the first adapter-bank layer of the forward
-expands that into the per-token :class:`~switchcit.routing.RoutingPlan`, and every other layer with
-the same token shape reuses it — prefill and each decode step get their plan once.
+A model holds one :class:`RoutingContext`. Inside the library an adapter is an int id and −1
+(:data:`NO_ADAPTER`) is the only "no adapter"; names exist at the edges. The routing of a forward is
+written by one owner before the layers run, and layers only read ``context.plan``:
+
+* :meth:`RoutingContext.assign` sets one adapter id per sequence for the following forwards (the
+  pipeline does it once per ``generate``; ``switchcit.route`` for hand-written loops);
+* :meth:`RoutingContext.begin_forward` turns that into the forward's :class:`RoutingPlan` — called
+  by a pre-hook on the model's input embeddings, so it runs once per forward, before any layer;
+* :meth:`RoutingContext.route_tokens` replaces the plan in the middle of a forward: the switch reads
+  layer K's hidden states and routes layers K…L−1 (:mod:`switchcit.pipeline`).
 """
 from __future__ import annotations
 
@@ -13,16 +19,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from switchcit.ops import lora_delta
-from switchcit.routing import RoutingPlan, build_routing_plan
+from switchcit.ops import RoutingPlan, build_routing_plan, lora_delta
 
-__all__ = ["BASE", "RoutingContext", "MultiLoraLinear", "linear_features"]
+__all__ = ["NO_ADAPTER", "RoutingContext", "MultiLoraLinear", "attach_context", "linear_features"]
 
-BASE = "__base__"  # PEFT's name for "no adapter"; id −1
+NO_ADAPTER = -1  # the base model: the only "no adapter" inside the library
 
 
 class RoutingContext:
-    """Adapter names ↔ ids for a model, and the routing plan of the current forward.
+    """Adapter names ↔ ids of a model, and the routing plan of its current forward.
 
     Ids are stable: adding an adapter appends, removing one leaves its id unused, so plans and banks
     built earlier stay valid.
@@ -30,9 +35,8 @@ class RoutingContext:
 
     def __init__(self, names: Sequence[str] = ()):
         self.names: list[str | None] = []  # None marks a removed adapter
-        self._sequence_ids: torch.Tensor | None = None
-        self._routed_names: list[str] | None = None  # the adapter_names list the ids came from
-        self._plans: dict[tuple, RoutingPlan] = {}
+        self.sequence_ids: torch.Tensor | None = None  # int [B]: the assigned adapter of each sequence
+        self.plan: RoutingPlan | None = None  # the current forward's plan; None: the base model only
         for name in names:
             self.add(name)
 
@@ -40,22 +44,23 @@ class RoutingContext:
     def num_adapters(self) -> int:
         return len(self.names)
 
+    @property
+    def adapters(self) -> list[str]:
+        """The loaded adapters' names, in id order."""
+        return [n for n in self.names if n is not None]
+
     def id_of(self, name: str) -> int:
-        if name == BASE:
-            return -1
         try:
             return self.names.index(name)
         except ValueError:
-            known = [n for n in self.names if n is not None]
-            raise KeyError(f"unknown adapter {name!r}; loaded: {known} (or {BASE!r} for the base model)") from None
+            raise KeyError(f"unknown adapter {name!r}; loaded: {self.adapters}") from None
 
     def add(self, name: str) -> int:
-        if not isinstance(name, str) or not name or name == BASE:
-            raise ValueError(f"adapter name must be a non-empty string other than {BASE!r}, got {name!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"an adapter name must be a non-empty string, got {name!r}")
         if name in self.names:
             return self.names.index(name)
         self.names.append(name)
-        self._plans.clear()  # plans are built for a number of adapters
         return len(self.names) - 1
 
     def remove(self, name: str) -> int:
@@ -63,65 +68,55 @@ class RoutingContext:
         self.names[index] = None
         return index
 
-    def route(self, adapters: torch.Tensor | Sequence[str | int | None] | None, device=None) -> None:
-        """Set one adapter per sequence for the following forwards: names, ids (−1 or ``None`` = base
-        model), or a tensor of ids. ``None`` routes every token to the base model."""
-        if adapters is None:
-            ids = None
-        elif isinstance(adapters, torch.Tensor):
-            ids = adapters.reshape(-1)
-            if ids.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"adapter ids must be int32 or int64, got {ids.dtype}")
-        else:
-            ids = torch.tensor([self._to_id(a) for a in adapters], dtype=torch.int64, device=device)
-        self._sequence_ids, self._routed_names = ids, None
-        self._plans.clear()
+    def ids_of(self, names: Sequence[str | None], device=None) -> torch.Tensor:
+        """Names (``None``: the base model) → an int64 id tensor: the names edge."""
+        return torch.tensor([NO_ADAPTER if n is None else self.id_of(n) for n in names], dtype=torch.int64,
+                            device=device)
 
-    def route_names(self, adapter_names: Sequence[str], device) -> None:
-        """``route`` for PEFT's ``adapter_names`` (already checked against the model by PEFT, so new
-        names join the context); skipped when the list is unchanged, as every layer of a forward
-        receives the same list."""
-        if self._routed_names is not None and self._routed_names == adapter_names:
-            return
-        ids = [-1 if name == BASE else self.add(name) for name in adapter_names]
-        self.route(torch.tensor(ids, dtype=torch.int64, device=device))
-        self._routed_names = list(adapter_names)
+    def assign(self, sequence_ids: torch.Tensor | None) -> None:
+        """One adapter id per sequence (−1: base model) for the following forwards; ``None``: none
+        assigned (bank layers then run the base model)."""
+        if sequence_ids is not None:
+            if not isinstance(sequence_ids, torch.Tensor) or sequence_ids.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"adapter ids must be an int32 or int64 tensor, got {sequence_ids!r:.60}")
+            sequence_ids = sequence_ids.reshape(-1)
+        self.sequence_ids, self.plan = sequence_ids, None
 
-    def _to_id(self, adapter: str | int | None) -> int:
-        if adapter is None:
-            return -1
-        if isinstance(adapter, str):
-            return self.id_of(adapter)
-        if isinstance(adapter, bool) or not isinstance(adapter, int):
-            raise TypeError(f"an adapter is a name, an id or None, got {adapter!r}")
-        if not -1 <= adapter < self.num_adapters:
-            raise ValueError(f"adapter id {adapter} is outside [-1, {self.num_adapters})")
-        return adapter
-
-    def plan_for(self, x: torch.Tensor) -> RoutingPlan | None:
-        """The plan for input ``x [B, S, H]`` (or ``[T, H]`` with one id per token); ``None`` if every
-        token goes to the base model."""
-        ids = self._sequence_ids
+    def begin_forward(self, input_shape: Sequence[int], device: torch.device) -> None:
+        """The plan of a forward over tokens ``input_shape`` ([B, S]) from the assigned sequence ids —
+        built once here, before any layer runs. ``B`` may be k × the assigned sequences (beam search,
+        ``num_return_sequences``)."""
+        ids = self.sequence_ids
         if ids is None:
-            return None
-        key = (tuple(x.shape[:-1]), x.device)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = build_routing_plan(self._token_ids(ids.to(x.device), x), self.num_adapters)
-            self._plans[key] = plan
-        return plan
-
-    @staticmethod
-    def _token_ids(sequence_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Per-sequence ids → per-token ids for ``x [B, S, H]`` (also B = k × sequences, as beam
-        search and ``num_return_sequences`` repeat each sequence k times)."""
-        batch, sequences = x.shape[0], sequence_ids.numel()
-        if x.dim() == 2 and batch == sequences:
-            return sequence_ids  # already one id per token
+            self.plan = None
+            return
+        batch, sequences = input_shape[0], ids.numel()
         if sequences == 0 or batch % sequences:
             raise ValueError(f"{sequences} routed sequences do not fit a batch of {batch}")
-        tokens_per_row = math.prod(x.shape[1:-1])
-        return sequence_ids.repeat_interleave((batch // sequences) * tokens_per_row)
+        tokens_per_sequence = (batch // sequences) * math.prod(input_shape[1:])
+        self.route_tokens(ids.to(device).repeat_interleave(tokens_per_sequence))
+
+    def route_tokens(self, token_ids: torch.Tensor, sequence_ids: torch.Tensor | None = None) -> None:
+        """Set the current forward's plan from one id per token (flattened ``[B, S]``); with
+        ``sequence_ids``, also assign them for the forwards that follow (decode steps)."""
+        if sequence_ids is not None:
+            self.sequence_ids = sequence_ids.reshape(-1)
+        self.plan = build_routing_plan(token_ids.reshape(-1), self.num_adapters)
+
+
+def attach_context(model: nn.Module, context: RoutingContext) -> RoutingContext:
+    """Give ``model`` its routing context (once): a pre-hook on the input embeddings builds each
+    forward's plan before any layer runs."""
+    embeddings = model.get_input_embeddings()
+    if getattr(embeddings, "_switchcit_context", None) is not context:
+        embeddings._switchcit_context = context
+        embeddings.register_forward_pre_hook(_begin_forward)
+    return context
+
+
+def _begin_forward(embeddings: nn.Module, args: tuple) -> None:
+    input_ids = args[0]
+    embeddings._switchcit_context.begin_forward(input_ids.shape, input_ids.device)
 
 
 def linear_features(base: nn.Module) -> tuple[int, int]:
@@ -222,9 +217,9 @@ class MultiLoraLinear(nn.Module):
         self.scaling = torch.cat([self.scaling, self.scaling.new_zeros(grow)])
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | RoutingPlan | None = None) -> torch.Tensor:
-        """``adapter_ids``: per-token ids or a plan; by default the context's plan for this forward."""
+        """``adapter_ids``: per-token ids or a plan; by default the plan of the context's forward."""
         out = self.base_layer(x)
-        routing = adapter_ids if adapter_ids is not None else self.context.plan_for(x)
+        routing = adapter_ids if adapter_ids is not None else self.context.plan
         if routing is None or self.lora_a.shape[1] == 0:
             return out
         self._grow(self.context.num_adapters, 0)  # adapters added to the model after this layer

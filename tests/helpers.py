@@ -19,7 +19,7 @@ class Problem:
 
     def reference_delta(self) -> torch.Tensor:
         """The float64 spec on the same (already rounded) inputs, ``[T, O]``."""
-        from switchcit.reference import lora_delta_reference
+        from switchcit.ops.naive import lora_delta_reference
 
         scaling = self.scaling.double() if isinstance(self.scaling, torch.Tensor) else self.scaling
         x = self.x.reshape(-1, self.x.shape[-1]).double()

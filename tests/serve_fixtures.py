@@ -47,7 +47,7 @@ def tiny_llama_base(folder: Path) -> Path:
     token ids, saved to ``folder``."""
     import transformers
 
-    from switchcit.models import smollm2_135m_instruct
+    from switchcit.pretrained import smollm2_135m_instruct
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_135m_instruct())
     config = transformers.LlamaConfig(
@@ -85,9 +85,9 @@ def build_run(root: Path, base_folder: Path | None = None, rank: int = 4) -> Pat
     encoder = transformers.AutoModelForCausalLM.from_pretrained(base_folder)
     prompts = [p for task in TASKS for p in task_prompts(task, TRAINED_TOPICS)]
     labels = [task for task in TASKS for _ in task_prompts(task, TRAINED_TOPICS)]
-    switch = Switch.train(prompts, labels, encoder=encoder, epochs=40)
+    switch = Switch.train(prompts, labels, encoder=encoder)
     switch.save(run / "switch")
-    write_run_manifest(run, base_folder, {task: run / "adapters" / task for task in TASKS}, run / "switch")
+    write_run_manifest(run, base_folder, {task: run / "adapters" / task for task in TASKS}, run / "switch", switch.layer)
     return root / "run"
 
 
@@ -98,7 +98,7 @@ def serving(app, draining: bool = True) -> Iterator[tuple[str, object]]:
     else plain uvicorn."""
     import uvicorn
 
-    from switchcit.serving import make_server
+    from switchcit.serving.app import make_server
 
     options = {"host": "127.0.0.1", "port": 0, "log_level": "warning"}
     server = make_server(app, **options) if draining else uvicorn.Server(uvicorn.Config(app, **options))

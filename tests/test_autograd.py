@@ -5,12 +5,12 @@ from conftest import DEVICE, assert_close_to_reference
 from helpers import make_problem
 
 from switchcit import build_routing_plan, lora_delta, lora_linear
-from switchcit.reference import lora_delta_reference
+from switchcit.ops.naive import lora_delta_reference
 
 
 def kernel_backends():
     """Backends with their own backward kernels that can run here."""
-    from switchcit import routing
+    from switchcit.ops import routing
 
     backends = ["triton"]
     if DEVICE.type == "cpu" and routing._C is not None and hasattr(routing._C, "lora_forward"):

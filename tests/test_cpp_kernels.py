@@ -13,9 +13,9 @@ import torch
 from conftest import assert_close_to_reference
 from helpers import Problem, make_problem
 
-from switchcit import routing
-from switchcit.reference import lora_delta_reference
-from switchcit.routing import RoutingPlan, build_routing_plan
+from switchcit.ops import routing
+from switchcit.ops.naive import lora_delta_reference
+from switchcit.ops.routing import RoutingPlan, build_routing_plan
 
 _C = routing._C
 pytestmark = pytest.mark.skipif(_C is None, reason="C++ core not built")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from switchcit.data import load_task, retained_sample, task_name
+from switchcit.cit.data import load_task, retained_sample, task_name
 
 
 def write_jsonl(path, rows):

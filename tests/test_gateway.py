@@ -17,7 +17,7 @@ pytest.importorskip("peft")
 
 from serve_fixtures import TASKS, TOPICS, serving, task_prompts, tiny_run  # noqa: E402
 
-from switchcit.gateway import create_gateway  # noqa: E402
+from switchcit.serving.gateway import create_gateway  # noqa: E402
 from switchcit.runs import read_run  # noqa: E402
 from switchcit.switch import Switch  # noqa: E402
 
@@ -136,9 +136,10 @@ def test_upstream_errors_come_back_as_json(gateway, run_dir, switch):
 
 
 def test_export_vllm_writes_adapters_and_prints_the_command(run_dir, tmp_path, capsys):
-    from switchcit import cli, gateway
+    from switchcit import cli
+    from switchcit.serving import gateway
 
-    assert "switchcit.gateway" in cli.COMMAND_MODULES
+    assert "switchcit.serving.gateway" in cli.COMMAND_MODULES
     parser = argparse.ArgumentParser()
     gateway.add_command(parser.add_subparsers())
     out = tmp_path / "vllm"

@@ -6,7 +6,7 @@ from helpers import make_problem
 
 from switchcit import build_routing_plan, lora_delta, lora_linear
 from switchcit.kernels import LoraKernelConfig, lora_expand, lora_shrink
-from switchcit.reference import lora_delta_reference
+from switchcit.ops.naive import lora_delta_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -7,8 +7,8 @@ import pytest
 from rouge_score.rouge_scorer import RougeScorer
 from sacrebleu import corpus_bleu
 
-from switchcit.data import Example
-from switchcit.metrics import (
+from switchcit.cit.data import Example
+from switchcit.cit.metrics import (
     bleu, continual_metrics, corpus_sari, main_metric, results_dict, rouge, sari, score_task, yes_no_accuracy,
 )
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from conftest import assert_close_to_reference
 
-from switchcit import BASE, MultiLoraLinear, RoutingContext
-from switchcit.reference import lora_delta_reference
+from switchcit import NO_ADAPTER, MultiLoraLinear, RoutingContext
+from switchcit.ops.naive import lora_delta_reference
 
 
 def bank_layer(gen, hidden=24, out_features=20):
@@ -24,7 +24,8 @@ def test_bank_routes_tokens_to_their_adapters(generator):
     assert layer.lora_a.shape == (3, 8, 24) and layer.ranks.tolist() == [4, 8, 2]
 
     x = torch.randn(2, 5, 24, generator=generator)
-    layer.context.route(["b", BASE])  # one adapter per sequence
+    layer.context.assign(layer.context.ids_of(["b", None]))  # one adapter per sequence
+    layer.context.begin_forward(x.shape[:-1], x.device)  # what the model's embedding pre-hook does
     got = layer(x)
     expected = torch.nn.functional.linear(x.double(), layer.base_layer.weight.double(), layer.base_layer.bias.double())
     lora_a, lora_b, scale = weights["b"]
@@ -38,7 +39,7 @@ def test_remove_and_replace_adapter(generator):
     layer.add_adapter("b", torch.randn(4, 24, generator=generator), torch.randn(20, 4, generator=generator))
     x = torch.randn(3, 24, generator=generator)
     base = layer.base_layer(x)
-    layer.context.route(torch.tensor([0, 1, -1]))
+    layer.context.route_tokens(torch.tensor([0, 1, NO_ADAPTER]))
     assert torch.equal(layer(x)[0], base[0]), "fresh adapters start as a no-op (B = 0), like PEFT's"
     layer.remove_adapter("b")
     assert layer.adapter_names == ["a"]
@@ -55,11 +56,13 @@ def test_layers_share_context_and_plan(generator):
     first.context = second.context = context
     first.add_adapter("a", torch.randn(2, 24, generator=generator), torch.randn(20, 2, generator=generator))
     second.add_adapter("b", torch.randn(3, 20, generator=generator), torch.randn(24, 3, generator=generator))
-    context.route(["a", "b"])
+    context.assign(context.ids_of(["a", "b"]))
     x = torch.randn(2, 4, 24, generator=generator)
+    context.begin_forward(x.shape[:-1], x.device)
+    plan = context.plan
     y = second(first(x))  # `first` grows to the context's two adapters on its next forward
     assert first.lora_a.shape[0] == 2 and first.ranks.tolist() == [2, 0]
-    assert context.plan_for(x) is context.plan_for(y), "one plan per token shape and forward"
+    assert context.plan is plan and plan.token_adapter.tolist() == [0] * 4 + [1] * 4, "one plan per forward"
     ids = torch.tensor([0] * 4 + [1] * 4)
     h = first.base_layer(x).reshape(8, 20) + lora_delta_reference(
         x.reshape(8, 24), first.lora_a, first.lora_b, ids, first.scaling, first.ranks)
@@ -71,7 +74,8 @@ def test_training_a_bank_moves_only_routed_adapters(generator):
     layer = bank_layer(generator)
     for name in ("a", "b", "c"):
         layer.add_adapter(name, torch.randn(4, 24, generator=generator), torch.randn(20, 4, generator=generator))
-    layer.context.route(["a", "c", "a"])
+    layer.context.assign(layer.context.ids_of(["a", "c", "a"]))
+    layer.context.begin_forward((3, 6), torch.device("cpu"))
     before = layer.lora_a.detach().clone()
     optimizer = torch.optim.SGD([layer.lora_a, layer.lora_b], lr=0.1)
     layer(torch.randn(3, 6, 24, generator=generator)).square().mean().backward()
@@ -82,13 +86,20 @@ def test_training_a_bank_moves_only_routed_adapters(generator):
 
 def test_context_names_and_errors():
     context = RoutingContext(["a", "b"])
-    assert context.id_of("b") == 1 and context.id_of(BASE) == -1
+    assert context.id_of("b") == 1 and context.ids_of(["b", None]).tolist() == [1, NO_ADAPTER]
     with pytest.raises(KeyError, match="unknown adapter 'z'"):
-        context.route(["a", "z"])
+        context.ids_of(["a", "z"])
     with pytest.raises(ValueError, match="non-empty string"):
-        context.add(BASE)
+        context.add("")
+    with pytest.raises(TypeError, match="int32 or int64"):
+        context.assign(torch.tensor([0.0]))
     context.remove("a")
     assert context.add("c") == 2, "ids are never reused"
-    context.route([1, None])
+    context.assign(torch.tensor([1, NO_ADAPTER]))
     with pytest.raises(ValueError, match="do not fit"):
-        context.plan_for(torch.zeros(3, 4, 8))
+        context.begin_forward((3, 4), torch.device("cpu"))
+    context.begin_forward((4, 5), torch.device("cpu"))  # beam search: 2 × the assigned sequences
+    assert context.plan.token_adapter.tolist() == [1] * 10 + [NO_ADAPTER] * 10
+    context.assign(None)
+    context.begin_forward((4, 5), torch.device("cpu"))
+    assert context.plan is None, "nothing assigned: every token on the base model"

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from switchcit.metrics import results_dict
-from switchcit.report import write_report
+from switchcit.cit.metrics import results_dict
+from switchcit.cit.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TASKS = ["simplification", "explanation", "covidfact"]

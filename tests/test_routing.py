@@ -3,8 +3,8 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from switchcit import routing
-from switchcit.routing import build_routing_plan
+from switchcit.ops import routing
+from switchcit.ops.routing import build_routing_plan
 
 
 def sort_with_torch(ids, num_adapters):

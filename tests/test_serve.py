@@ -17,8 +17,8 @@ pytest.importorskip("peft")
 
 from serve_fixtures import TASKS, TOPICS, TRAINED_TOPICS, serving, task_prompts, tiny_run  # noqa: E402
 
-from switchcit.serving import create_app  # noqa: E402
-from switchcit.switch import SwitchModel  # noqa: E402
+from switchcit.pipeline import SwitchModel  # noqa: E402
+from switchcit.serving.app import create_app  # noqa: E402
 
 MAX_PROMPT_TOKENS, MAX_NEW_TOKENS = 256, 16
 
@@ -146,11 +146,11 @@ def test_each_sequence_ends_at_its_first_stop_token_or_its_own_limit(run_dir):
     rows without one run to their own limit, and rows that stopped early leave the others unchanged."""
     model = SwitchModel.from_run(run_dir)
     prompts = [model.tokenizer(p)["input_ids"] for p in ["Write a haiku about rain.", "hello", "Is it?"]]
-    adapters, limits = ["haiku", None, "factcheck"], [6, 6, 3]
-    free = model.generate_ids(prompts, adapters, limits, stop_ids=[])
-    assert [len(row) for row in free] == limits
+    adapters, limits = model.context.ids_of(["haiku", None, "factcheck"]), [6, 6, 3]
+    free, used = model.generate_ids(prompts, limits, [], adapters)
+    assert [len(row) for row in free] == limits and used.tolist() == adapters.tolist()
     stop = free[0][2]
-    cut = model.generate_ids(prompts, adapters, limits, stop_ids=[stop])
+    cut, _ = model.generate_ids(prompts, limits, [stop], adapters)
     expected = [row[:row.index(stop) + 1] if stop in row else row for row in free]
     assert cut == expected and len(cut[0]) <= 3
 
@@ -202,11 +202,11 @@ def test_bad_input_gets_a_4xx_json_error_before_any_model_work(server):
 
 
 class GatedGenerate:
-    """Holds every ``generate`` call until released, so tests can fill the queue deterministically."""
+    """Holds every ``generate_ids`` call until released, so tests can fill the queue deterministically."""
 
     def __init__(self, model: SwitchModel):
-        self.generate, self.entered, self.release = model.model.generate, threading.Event(), threading.Event()
-        model.model.generate = self
+        self.generate, self.entered, self.release = model.generate_ids, threading.Event(), threading.Event()
+        model.generate_ids = self
 
     def __call__(self, *args, **kwargs):
         self.entered.set()
@@ -276,9 +276,9 @@ def test_shutdown_finishes_the_running_batch_and_serves_or_fails_the_queue(run_d
 
 def test_serve_command_listens_on_loopback_by_default():
     from switchcit import cli
-    from switchcit import serving as serving_module
+    from switchcit.serving import app as serving_module
 
-    assert "switchcit.serving" in cli.COMMAND_MODULES
+    assert "switchcit.serving.app" in cli.COMMAND_MODULES
     parser = argparse.ArgumentParser()
     serving_module.add_command(parser.add_subparsers())
     args = parser.parse_args(["serve", "some/run"])

@@ -6,8 +6,8 @@ import torch
 from conftest import DEVICE
 
 from switchcit.kernels import fused_switch_route
-from switchcit.routing import build_routing_plan
-from switchcit.switch import SwitchHead, classify_reference, gate_distance, pool_features, route_reference
+from switchcit.ops.routing import build_routing_plan
+from switchcit.ops.naive import SwitchHead, classify_reference, gate_distance, pool_features, route_reference
 
 
 def make_inputs(gen, batch, seq_len, features, hidden_units, tasks, components, dtype):

@@ -18,12 +18,13 @@ pytest.importorskip("chatterbot_corpus")
 
 from serve_fixtures import tiny_llama_base  # noqa: E402
 
-from switchcit.data import write_chatterbot_tasks  # noqa: E402
-from switchcit.training import TrainConfig, train  # noqa: E402
+from switchcit.cit.data import write_chatterbot_tasks  # noqa: E402
+from switchcit.cit.config import TrainConfig  # noqa: E402
+from switchcit.cit.trainer import train  # noqa: E402
 
 TASKS = ["greetings", "science"]
 SMALL = ["--steps", "8", "--batch-size", "4", "--eval-examples", "3", "--max-new-tokens", "3", "--checkpoint-every", "2",
-         "--retention", "0.5", "--max-length", "96"]
+         "--retention", "0.5", "--max-length", "96", "--switch-layer", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -77,24 +78,47 @@ def test_run_writes_results_report_plots_and_a_servable_folder(uninterrupted, st
     assert "| switchcit |" in (out / "report.md").read_text()
     assert "AP" in stdout and "report.md" in stdout
 
-    from switchcit.switch import SwitchModel
+    from switchcit.adapters import adapter_layers
+    from switchcit.pipeline import SwitchModel
 
+    for task in TASKS:  # --switch-layer 1: below it the base model, so the switch routes inside the forward
+        assert adapter_layers(out / "switchcit" / "adapters" / task) == {1}
     model = SwitchModel.from_run(out)
-    assert model.switch.tasks == TASKS
+    assert model.switch.tasks == TASKS and model.switch.layer == 1 and model.one_pass
     texts, routed = model.generate(["Hello", "What is physics?"], max_new_tokens=2)
     assert len(texts) == 2 and all(t in (*TASKS, None) for t in routed)
 
 
-def test_eval_reevaluates_the_saved_run(uninterrupted):
-    """``switchcit eval RUN_DIR`` rebuilds every method's final stage from what the run saved (adapter
-    folders, checkpoints, the switch) and gets the last row of R again."""
+def test_eval_predictions_are_what_the_server_answers(uninterrupted):
+    """``switchcit eval RUN_DIR --predictions FILE`` rebuilds every method's final stage from what the run
+    saved and gets the last row of R again; each switchcit prediction (adapter and text) is what
+    ``switchcit serve`` answers to the same prompt with model "auto", temperature 0 and that max_tokens."""
+    import httpx
+    from serve_fixtures import serving
+
+    from switchcit.pipeline import SwitchModel
+    from switchcit.serving.app import create_app
+
     out, _ = uninterrupted
-    done = run([sys.executable, "-m", "switchcit.cli", "eval", str(out)])
+    predictions_file = out / "predictions.jsonl"
+    done = run([sys.executable, "-m", "switchcit.cli", "eval", str(out), "--predictions", str(predictions_file)])
     assert done.returncode == 0, done.stderr[-3000:]
     for method in ("switchcit", "sequential"):
         final = json.loads((out / method / "results.json").read_text())["matrix"][-1]
         assert json.loads((out / method / "eval.json").read_text()) == dict(zip(TASKS, final))
         assert method in done.stdout
+    predictions = [json.loads(line) for line in predictions_file.read_text().splitlines()]
+    assert len(predictions) == 2 * len(TASKS) * 3  # methods × tasks × eval examples
+    assert {p["adapter"] for p in predictions if p["method"] == "sequential"} == {"sequential"}
+    routed = [p for p in predictions if p["method"] == "switchcit"]
+    assert set(routed[0]) == {"method", "task", "prompt", "adapter", "max_tokens", "output"}
+
+    with serving(create_app(SwitchModel.from_run(out))) as (url, _):
+        for p in routed:
+            body = {"model": "auto", "temperature": 0, "max_tokens": p["max_tokens"],
+                    "messages": [{"role": "user", "content": p["prompt"]}]}
+            choice = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+            assert (choice["adapter"], choice["message"]["content"].strip()) == (p["adapter"], p["output"]), p
 
 
 def test_killed_run_resumes_to_the_same_adapters_and_results(uninterrupted, stream, tmp_path):
@@ -137,6 +161,7 @@ def test_bad_configs_fail_before_training(stream, tmp_path):
         "unknown method": dict(methods=["switchcit", "finetune"]),
         "has no config.json": dict(base=str(tmp_path)),
         "steps must be at least 1": dict(steps=0),
+        r"--switch-layer 2 is outside \[0, 2\)": dict(switch_layer=2),
     }
     for message, change in cases.items():
         config = TrainConfig(base=str(base), tasks=[str(t) for t in tasks], out=str(tmp_path / "out")) 
@@ -147,6 +172,9 @@ def test_bad_configs_fail_before_training(stream, tmp_path):
         assert not (tmp_path / "out").exists(), "nothing written before the config is checked"
     failed = run(command(base, [tmp_path / "nowhere"], tmp_path / "cli"))
     assert failed.returncode != 0 and "does not exist" in failed.stderr and "Traceback" not in failed.stderr
+    failed = run(command(base, tasks, tmp_path / "cli", extra=["--switch-layer", "-1"]))
+    assert failed.returncode != 0 and "--switch-layer -1 is outside [0, 2)" in failed.stderr
+    assert "Traceback" not in failed.stderr and not (tmp_path / "cli").exists()
 
 
 def test_two_process_ddp_step_matches_one_process(stream, tmp_path):
@@ -173,7 +201,7 @@ def test_target_loss_reads_only_the_logits_it_needs(generator):
     prompts and targets, right padding)."""
     import transformers
 
-    from switchcit.training import IGNORE, _target_loss
+    from switchcit.cit.trainer import IGNORE, target_loss
 
     config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1)
@@ -187,30 +215,30 @@ def test_target_loss_reads_only_the_logits_it_needs(generator):
     targets = labels[:, 1:]
     token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     expected = (token_loss.sum(1) / (targets != IGNORE).sum(1)).mean()
-    torch.testing.assert_close(_target_loss(model, input_ids, labels, torch.ones_like(input_ids)), expected)
+    torch.testing.assert_close(target_loss(model, input_ids, labels, torch.ones_like(input_ids)), expected)
 
 
 def test_each_method_routes_evaluation_prompts_to_the_adapters_it_has(stream, tmp_path, monkeypatch):
     """At stage t: oracle sends a task's prompts to its adapter only once that task was trained (the
     base model before), sequential sends every prompt to its one adapter, and the base row uses none."""
-    import switchcit.training as training
+    import switchcit.cit.trainer as trainer
 
     base, tasks = stream
     calls = []
-    real = training.evaluate_tasks
+    real = trainer.evaluate_tasks
 
-    def recording(model, tokenizer, eval_sets, choose, **options):
+    def recording(pipeline, eval_sets, adapters_of, **options):
         names = [t for t, examples in eval_sets.items() for _ in examples]
-        calls.append(dict(zip(names, choose(names, [e.prompt for x in eval_sets.values() for e in x]) or [None] * len(names))))
-        return real(model, tokenizer, eval_sets, choose, **options)
+        calls.append(dict(zip(names, adapters_of(names))))
+        return real(pipeline, eval_sets, adapters_of, **options)
 
-    monkeypatch.setattr(training, "evaluate_tasks", recording)
+    monkeypatch.setattr(trainer, "evaluate_tasks", recording)
     config = TrainConfig(base=str(base), tasks=[str(t) for t in tasks], out=str(tmp_path / "run"),
                          methods=["oracle", "sequential"], steps=2, batch_size=2, eval_examples=2, max_new_tokens=2)
     train(config)
     baseline, oracle_0, oracle_1, sequential_0, sequential_1 = calls
     assert baseline == {"greetings": None, "science": None}
-    assert oracle_0 == {"greetings": "greetings", "science": "__base__"}
+    assert oracle_0 == {"greetings": "greetings", "science": None}
     assert oracle_1 == {"greetings": "greetings", "science": "science"}
     assert sequential_0 == sequential_1 == {"greetings": "sequential", "science": "sequential"}
 

@@ -6,10 +6,25 @@ data pointers of contiguous tensors; everything is checked here and in ``switchc
 """
 from __future__ import annotations
 
+import warnings
+from typing import TYPE_CHECKING
+
 import torch
 
-from switchcit.library import traceable_op
-from switchcit.routing import _C, RoutingPlan
+from switchcit.ops.custom_op import traceable_op
+
+if TYPE_CHECKING:
+    from switchcit.ops.routing import RoutingPlan
+
+try:
+    from switchcit import _C
+except ImportError:  # the library stays usable without its C++ core
+    _C = None
+    warnings.warn(
+        "switchcit._C (the C++ core) is not built; CPU ops fall back to plain PyTorch. "
+        "Reinstall with `pip install .` to build it.",
+        stacklevel=2,
+    )
 
 Tensor = torch.Tensor
 

@@ -1,6 +1,6 @@
 """Report of a continual run: a markdown table comparing methods and plots of each method's score matrix.
 
-Reads the records :func:`switchcit.metrics.results_dict` builds (``RUN_DIR/<method>/results.json``)
+Reads the records :func:`switchcit.cit.metrics.results_dict` builds (``RUN_DIR/<method>/results.json``)
 and writes ``RUN_DIR/report.md``, ``RUN_DIR/<method>/matrix.png`` (heatmap of R[t][i]) and
 ``RUN_DIR/<method>/curves.png`` (each task's score across stages).
 """
@@ -109,7 +109,7 @@ def _plot_curves(method: str, results: Mapping, path: Path) -> Path:
 
 def write_report(run_dir: str | Path, method_results: Mapping[str, Mapping]) -> list[Path]:
     """Write ``report.md`` and each method's ``matrix.png`` and ``curves.png`` under ``run_dir``;
-    ``method_results`` maps a method to its :func:`switchcit.metrics.results_dict` record. Returns the
+    ``method_results`` maps a method to its :func:`switchcit.cit.metrics.results_dict` record. Returns the
     written paths, the report first."""
     if not method_results:
         raise ValueError("no method results to report")

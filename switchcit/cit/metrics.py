@@ -31,7 +31,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from switchcit.data import Example
+from switchcit.cit.data import Example
 
 __all__ = [
     "sari", "corpus_sari", "rouge", "bleu", "yes_no_accuracy", "exact_match",

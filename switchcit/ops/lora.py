@@ -1,11 +1,11 @@
-"""Public multi-LoRA ops: argument checks, backend dispatch, and the ``torch.library`` registration.
+"""The multi-LoRA op: argument checks, backend dispatch, and the ``torch.library`` registration.
 
     y = lora_linear(x, weight, lora_a, lora_b, adapter_ids, scaling)     # x Wᵀ + b + routed LoRA
     lora_delta(x, lora_a, lora_b, adapter_ids, scaling, out=y)           # y += routed LoRA
 
 Shapes follow PEFT: ``x [..., H]``, ``weight [O, H]``, ``lora_a [N, R, H]``, ``lora_b [N, O, R]``,
 ``adapter_ids`` int32/int64 with one id per token of ``x`` (−1 = base model only) or a prebuilt
-:class:`~switchcit.routing.RoutingPlan`, ``scaling`` a float or ``[N]`` tensor, ``ranks`` an optional
+:class:`~switchcit.ops.RoutingPlan`, ``scaling`` a float or ``[N]`` tensor, ``ranks`` an optional
 ``[N]`` int tensor (adapter i uses its first ``ranks[i]`` rows of A and columns of B).
 
 Every check runs before any kernel launch and raises ``TypeError``/``ValueError``. Checking the ids'
@@ -13,30 +13,24 @@ values reads them on the host; pass a plan built once per forward (:func:`build_
 that once for all layers. During CUDA-graph capture or ``torch.compile`` tracing value checks are
 skipped and out-of-range ids route to the base model, so kernels never read out of bounds.
 
-Backends: ``"torch"`` (the reference, any dtype and device), ``"triton"`` (CUDA tensors, or CPU
-tensors under ``TRITON_INTERPRET=1``), ``"cpp"`` (CPU tensors, float32/bfloat16, the C++ core).
-``backend=None`` reads ``SWITCHCIT_BACKEND``, else picks ``"triton"`` for CUDA tensors when Triton is
-installed, ``"cpp"`` for CPU tensors when the C++ core is built, and ``"torch"`` otherwise.
-All three are differentiable in ``x``, ``lora_a`` and ``lora_b``.
+Backends (:mod:`switchcit.ops.backends`): ``"torch"`` (the reference in :mod:`switchcit.ops.naive`,
+any dtype and device), ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
+``"cpp"`` (CPU tensors, float32/bfloat16, the C++ core). All three are differentiable in ``x``,
+``lora_a`` and ``lora_b``.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import NamedTuple
 
 import torch
 
-from switchcit.reference import lora_delta_reference
-from switchcit.routing import RoutingPlan, build_routing_plan, check_adapter_ids, may_read_values
-from switchcit.cpp_ops import CPP_DTYPES, HAS_CPP_KERNELS, CppKernels
-from switchcit.triton_ops import TritonKernels  # registers the custom ops; imports triton lazily
+from switchcit.ops.backends import select_backend
+from switchcit.ops.cpp import CppKernels
+from switchcit.ops.naive import lora_delta_reference
+from switchcit.ops.routing import RoutingPlan, build_routing_plan, check_adapter_ids, may_read_values
+from switchcit.ops.triton import TritonKernels  # registers the custom ops; imports triton lazily
 
-__all__ = ["lora_linear", "lora_delta", "BACKENDS", "select_backend"]
-
-BACKENDS = ("torch", "triton", "cpp")
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: find_spec is slow
+__all__ = ["lora_linear", "lora_delta"]
 
 
 def lora_linear(
@@ -90,36 +84,6 @@ def lora_delta(
         _check_same("out", out, x)
     _add_lora(call, out)
     return out
-
-
-def select_backend(backend: str | None, x: torch.Tensor) -> str:
-    """Resolve ``backend`` (or ``SWITCHCIT_BACKEND``, or the automatic choice) for input ``x``."""
-    name = backend or os.environ.get("SWITCHCIT_BACKEND") or "auto"
-    if name == "auto":
-        if x.is_cuda and x.dtype in _TRITON_DTYPES and _HAS_TRITON:
-            return "triton"
-        if x.device.type == "cpu" and x.dtype in CPP_DTYPES and HAS_CPP_KERNELS:
-            return "cpp"
-        return "torch"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
-    if name == "triton":
-        if not _HAS_TRITON:
-            raise RuntimeError("backend 'triton' needs the triton package (pip install triton)")
-        if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
-            raise ValueError(
-                f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {x.device}"
-            )
-        if x.dtype not in _TRITON_DTYPES:
-            raise TypeError(f"backend 'triton' supports float16, bfloat16 and float32, got {x.dtype}")
-    if name == "cpp":
-        if not HAS_CPP_KERNELS:
-            raise RuntimeError("backend 'cpp' needs the C++ core switchcit._C; reinstall with `pip install .`")
-        if x.device.type != "cpu":
-            raise ValueError(f"backend 'cpp' needs CPU tensors, got {x.device}")
-        if x.dtype not in CPP_DTYPES:
-            raise TypeError(f"backend 'cpp' supports float32 and bfloat16, got {x.dtype}")
-    return name
 
 
 class _Call(NamedTuple):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from switchcit.library import traceable_op
-from switchcit.routing import RoutingPlan
+from switchcit.ops.custom_op import traceable_op
+from switchcit.ops.routing import RoutingPlan
 
 Tensor = torch.Tensor
 

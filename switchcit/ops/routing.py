@@ -15,20 +15,11 @@ one partial tile); tiles past the real count are marked −1 and their programs 
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, replace
 
 import torch
 
-try:
-    from switchcit import _C
-except ImportError:  # the library stays usable without its C++ core
-    _C = None
-    warnings.warn(
-        "switchcit._C (the C++ core) is not built; CPU routing falls back to plain PyTorch. "
-        "Reinstall with `pip install .` to build it.",
-        stacklevel=2,
-    )
+from switchcit.ops.cpp import _C
 
 __all__ = ["RoutingPlan", "build_routing_plan", "default_block_m", "check_adapter_ids"]
 

@@ -22,16 +22,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from switchcit.serving import (
+from switchcit.serving.app import add_listen_arguments, make_server
+from switchcit.serving.batcher import Batcher
+from switchcit.serving.openai import (
     AUTO,
-    BASE,
+    BASE_MODEL_NAME,
     ApiError,
-    Batcher,
-    add_listen_arguments,
     check_model,
     health_response,
     install_error_handlers,
-    make_server,
     models_response,
     parse_request,
     read_json,
@@ -53,7 +52,7 @@ def create_gateway(route: Callable[[list[str]], list[str | None]], adapters: Seq
                    drain_timeout_s: float = 30.0) -> "FastAPI":
     """The gateway app: ``route(prompts)`` is the switch (a task, or ``None`` when unsure, per
     prompt); tasks without an adapter go to the base model. Run it with
-    :func:`switchcit.serving.make_server`."""
+    :func:`switchcit.serving.app.make_server`."""
     import httpx
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
@@ -61,7 +60,7 @@ def create_gateway(route: Callable[[list[str]], list[str | None]], adapters: Seq
     adapters = list(adapters)
 
     def route_batch(prompts: list[str]) -> list[str]:
-        return [task if task in adapters else BASE for task in route(prompts)]
+        return [task if task in adapters else BASE_MODEL_NAME for task in route(prompts)]
 
     batcher = Batcher(route_batch, max_batch_size=max_batch_size, batch_window_s=batch_window_ms / 1e3,
                       max_queue=max_queue, drain_timeout_s=drain_timeout_s)
@@ -84,7 +83,7 @@ def create_gateway(route: Callable[[list[str]], list[str | None]], adapters: Seq
         body = parse_request(payload, chat)
         check_model(body.model, adapters, has_switch=True)
         adapter = await batcher.submit(body.routing_text) if body.model == AUTO else body.model
-        upstream_model = upstream_base_model if adapter == BASE else adapter
+        upstream_model = upstream_base_model if adapter == BASE_MODEL_NAME else adapter
         try:
             response = await request.app.state.client.post(path, json=payload | {"model": upstream_model})
         except httpx.TimeoutException:
@@ -133,7 +132,7 @@ def _adapter_rank(folder: Path) -> int:
     """The largest rank of a PEFT adapter, read from its weights' shapes (``rank_pattern`` included)."""
     from safetensors import safe_open
 
-    from switchcit.hf import PEFT_WEIGHTS
+    from switchcit.adapters import PEFT_WEIGHTS
 
     with safe_open(str(folder / PEFT_WEIGHTS), framework="pt") as weights:
         return max(weights.get_slice(key).get_shape()[0] for key in weights.keys() if ".lora_A." in key)

@@ -1,0 +1,101 @@
+"""``switchcit train`` and ``switchcit eval``: the command-line face of :mod:`switchcit.cit`.
+
+    switchcit train --base MODEL_DIR --tasks DIR[,DIR...] --methods switchcit,sequential --out RUN_DIR
+    switchcit eval RUN_DIR [--predictions FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from switchcit.cit.config import TrainConfig, add_config_arguments, config_from_args
+from switchcit.cit.methods import __doc__ as METHODS_DOC
+
+__all__ = ["add_command", "log_to", "print_summary", "reevaluate"]
+
+logger = logging.getLogger("switchcit")
+
+
+def add_command(commands) -> None:
+    parser = commands.add_parser(
+        "train", help="continual instruction tuning over a task stream, comparing methods",
+        description=__doc__ + "\n" + METHODS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.set_defaults(run=_train)
+    parser = commands.add_parser("eval", help="re-evaluate the final adapters of a saved run",
+                                 description=reevaluate.__doc__)
+    parser.add_argument("run_dir", type=Path, help="the --out folder of `switchcit train`")
+    parser.add_argument("--predictions", type=Path, default=None,
+                        help="write one JSON line per test example (task, prompt, adapter, max_tokens, output)")
+    parser.set_defaults(run=lambda args: _print_scores(reevaluate(args.run_dir, args.predictions)))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from switchcit.cit.trainer import train
+
+    try:
+        config = config_from_args(args)
+        config.validate()
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"switchcit train: {err}") from None
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        log_to(Path(args.out) / "train.log")
+    results = train(config)
+    if main_process:
+        print_summary(results, Path(args.out))
+
+
+def reevaluate(run_dir: str | Path, predictions: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Scores of each method's final adapters on its tasks' eval sets, written to
+    ``RUN_DIR/<method>/eval.json`` (compare with the last row of its ``results.json``); with
+    ``--predictions FILE``, every test example's record, one JSON line each."""
+    from switchcit.cit.checkpoint import write_json_atomic
+    from switchcit.cit.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    try:
+        config = TrainConfig.load(run_dir)
+        config.validate()
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"switchcit eval: {err}") from None
+    trainer = Trainer(config)
+    final, records = {}, []
+    for method in config.methods:
+        scores, method_records = trainer.evaluate_saved(method)
+        write_json_atomic(run_dir / method / "eval.json", scores)
+        final[method] = scores
+        records += [{"method": method} | record for record in method_records]
+        logger.info("%s: %s", method, ", ".join(f"{t} {s:.2f}" for t, s in scores.items()))
+    if predictions is not None:
+        Path(predictions).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return final
+
+
+def _print_scores(final: dict[str, dict[str, float]]) -> None:
+    for method, scores in final.items():
+        print(f"{method:12s} " + "  ".join(f"{task} {score:6.2f}" for task, score in scores.items()))
+
+
+def print_summary(results: dict[str, dict], out: Path) -> None:
+    def fmt(value):
+        return "—" if value is None else f"{value:.2f}"
+
+    print(f"\n{'method':12s} {'AP':>7s} {'BWT':>7s} {'FWT':>7s}  " + "  ".join(results[next(iter(results))]["tasks"]))
+    for method, r in results.items():
+        print(f"{method:12s} {fmt(r['AP']):>7s} {fmt(r['BWT']):>7s} {fmt(r['FWT']):>7s}  "
+              + "  ".join(fmt(s) for s in r["matrix"][-1]))
+    print(f"report: {out / 'report.md'}; plots: {', '.join(str(p) for p in sorted(out.glob('*/*.png')))}")
+
+
+def log_to(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # one line per message, whatever the root logger does
+    if not logger.handlers:
+        for handler in (logging.StreamHandler(), logging.FileHandler(path)):
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            logger.addHandler(handler)

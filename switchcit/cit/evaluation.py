@@ -1,0 +1,39 @@
+"""Evaluation of a continual run: every task's test prompts in one mixed stream of batches through the
+pipeline (:class:`switchcit.pipeline.SwitchModel`, the path ``switchcit serve`` runs), scored per task,
+with one prediction record per prompt."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from switchcit.cit.data import Example
+from switchcit.cit.metrics import main_metric, score_task
+
+__all__ = ["BASE_NAME", "evaluate_tasks", "routing_accuracy"]
+
+BASE_NAME = "base"  # a prediction record's adapter when a prompt went to the base model (as the server says)
+
+
+def evaluate_tasks(pipeline, eval_sets: dict[str, list[Example]],
+                   adapters_of: Callable[[list[str]], list[str | None] | None], *, max_new_tokens: int,
+                   batch_size: int) -> tuple[dict[str, float], list[dict]]:
+    """Main-metric score per task and one record per prompt (task, prompt, adapter, max_tokens, output).
+    ``adapters_of(tasks of the prompts)``: an adapter name (``None``: base model) per prompt, or ``None``
+    for the switch to pick."""
+    tasks = [task for task, examples in eval_sets.items() for _ in examples]
+    prompts = [e.prompt for examples in eval_sets.values() for e in examples]
+    answers, adapters = pipeline.generate(prompts, adapters_of(tasks), max_new_tokens=max_new_tokens,
+                                          batch_size=batch_size)
+    predictions = [{"task": task, "prompt": prompt, "adapter": adapter or BASE_NAME, "max_tokens": max_new_tokens,
+                    "output": answer} for task, prompt, adapter, answer in zip(tasks, prompts, adapters, answers)]
+    scores, start = {}, 0
+    for task, examples in eval_sets.items():
+        stop = start + len(examples)
+        scores[task] = score_task(task, examples, answers[start:stop])[main_metric(task)]
+        start = stop
+    return scores, predictions
+
+
+def routing_accuracy(predictions: Sequence[dict], seen: Sequence[str]) -> float:
+    """Percent of the seen tasks' prompts that went to their own task's adapter."""
+    hits = [p["adapter"] == p["task"] for p in predictions if p["task"] in seen]
+    return 100.0 * sum(hits) / max(1, len(hits))

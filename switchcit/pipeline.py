@@ -1,0 +1,289 @@
+"""The one path from prompt to output: prompt → switch → routing plan → adapter-bank layers → output.
+
+:class:`SwitchModel` owns it. Evaluation (``switchcit train``, ``switchcit eval``), ``make demo`` and
+``switchcit serve`` all generate through :meth:`SwitchModel.generate_ids`.
+
+A routed prefill is one forward. Decoder layers 0…K−1 run the base model for every token (a run's
+adapters sit on layers ≥ K only); a pre-hook on layer K hands that layer's input to the switch
+(:func:`switchcit.ops.switch_route`: the fused Triton kernel on CUDA, the reference on CPU), which
+returns an adapter id per sequence and per token on the device; the routing context builds the plan
+from them once, and layers K…L−1 run with the adapters. No host sync between the switch and the
+adapters. Decode steps reuse the sequences' ids (the context's pre-hook on the input embeddings builds
+each step's plan before any layer). A bank with adapters below layer K cannot route in one pass: its
+prompts first go through an encoder pass that stops at layer K.
+
+Inside, adapters are int ids (−1: the base model); names appear only in :meth:`generate`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from switchcit.modules import NO_ADAPTER, MultiLoraLinear
+from switchcit.ops import switch_route
+from switchcit.prompts import content_mask, pad, prompt_tokens
+from switchcit.switch import Switch, decoder_layers, encode_features
+
+__all__ = ["SwitchModel", "lowest_adapted_layer"]
+
+
+class SwitchModel:
+    """Base model + adapter bank + switch. ``model`` carries a routing context: an adapter bank
+    (:func:`switchcit.load_adapters`) or an accelerated PEFT model (:func:`switchcit.accelerate`)."""
+
+    def __init__(self, model: nn.Module, tokenizer, switch: Switch | None = None):
+        from switchcit.adapters import routing_context
+
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.network = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: no wrapper
+        self.context = routing_context(model)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._routing: dict | None = None  # set for the length of a routed prefill
+        self._embeddings: torch.Tensor | None = None
+        self._hooks = []
+        self.switch = switch
+
+    @property
+    def switch(self) -> Switch | None:
+        return self._switch
+
+    @switch.setter
+    def switch(self, switch: Switch | None) -> None:
+        """A (new) switch: its layer gets the routing hook, the layer of another switch loses it."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._switch = [], switch
+        if switch is not None:
+            switch.check_model(self.network)
+            layers = decoder_layers(self.network)
+            self._hooks = [layers[0].register_forward_pre_hook(self._keep_embeddings, with_kwargs=True),
+                           layers[switch.layer].register_forward_pre_hook(self._route_at_switch_layer, with_kwargs=True)]
+
+    @classmethod
+    def from_pretrained(cls, base: str | Path, adapters: dict[str, str | Path], switch: str | Path | None = None,
+                        switch_layer: int | None = None) -> SwitchModel:
+        """Base model folder + PEFT adapter folders ``{"task": path}`` + an optional saved switch (whose
+        encoder becomes the base model itself). ``switch_layer``: the layer the run's adapters start at
+        (checked against the switch and the adapters before the model loads)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from switchcit.adapters import adapter_layers, load_adapters
+
+        loaded = Switch.load(switch) if switch is not None else None
+        if loaded is not None and switch_layer is not None and loaded.layer != switch_layer:
+            raise ValueError(f"the run's switch reads layer {loaded.layer}, its adapters start at layer {switch_layer}")
+        for task, folder in adapters.items():
+            below = sorted(i for i in adapter_layers(folder) if switch_layer is not None and i < switch_layer)
+            if below:
+                raise ValueError(f"adapter {task!r} has weights in layers {below}, below the run's switch layer "
+                                 f"{switch_layer}")
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = load_adapters(AutoModelForCausalLM.from_pretrained(base), adapters)
+        if loaded is not None:
+            loaded.encoder, loaded.tokenizer = model, tokenizer
+        return cls(model, tokenizer, loaded)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> SwitchModel:
+        """Everything a finished run left for serving (``RUN_DIR`` or ``RUN_DIR/switchcit``; see
+        :mod:`switchcit.runs`)."""
+        from switchcit.runs import read_run
+
+        run = read_run(run_dir)
+        return cls.from_pretrained(run.base, run.adapters, run.switch, run.switch_layer)
+
+    # ------------------------------------------------------------------ routing
+
+    @property
+    def one_pass(self) -> bool:
+        """Whether the switch can route inside the forward: no adapter below its layer."""
+        return self.switch is not None and lowest_adapted_layer(self.network) >= self.switch.layer
+
+    def task_to_adapter(self, device=None) -> torch.Tensor:
+        """Each switch task's adapter id (−1: the bank has no adapter for it)."""
+        names = self.context.names
+        return torch.tensor([names.index(t) if t in names else NO_ADAPTER for t in self.switch.tasks],
+                            dtype=torch.int32, device=device)
+
+    @torch.no_grad()
+    def route_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+        """Adapter id per sequence (int32, −1: base model) of tokenised, left-padded prompts (``content``:
+        the mask of each prompt's own tokens), on the device, from an encoder pass that stops at the
+        switch's layer (every token on the base model)."""
+        self._require_switch()
+        self.context.assign(None)
+        self._routing = {"content": content, "routed": None, "explicit": None}
+        try:
+            self.network(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=_positions(attention_mask), use_cache=False)
+        except _Routed:
+            pass
+        finally:
+            routing, self._routing = self._routing, None
+        return routing["sequence_ids"]
+
+    def route(self, prompts: Sequence[str]) -> list[str | None]:
+        """The adapter the switch picks for each prompt (``None``: base model)."""
+        rows, spans = zip(*(prompt_tokens(self.tokenizer, p) for p in prompts))
+        input_ids, mask = pad(rows, self.tokenizer.pad_token_id, device=self._device)
+        content = content_mask([len(r) for r in rows], spans, input_ids.shape[1], device=self._device)
+        return self.adapter_names(self.route_ids(input_ids, mask, content))
+
+    def adapter_names(self, ids: torch.Tensor) -> list[str | None]:
+        """Ids → names, the edge where they leave the library (``None``: base model)."""
+        return [None if i < 0 else self.context.names[i] for i in ids.tolist()]
+
+    def _keep_embeddings(self, layer, args, kwargs) -> None:
+        if self._routing is not None:
+            self._embeddings = args[0] if args else kwargs["hidden_states"]
+
+    def _route_at_switch_layer(self, layer, args, kwargs) -> None:
+        routing = self._routing
+        if routing is None:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        sequence_ids, token_ids = switch_route(hidden, self._embeddings, routing["content"],
+                                               self.switch.head(hidden.device), self.task_to_adapter(hidden.device),
+                                               self.switch.pool)
+        self._embeddings = None
+        if routing["routed"] is None:  # an encoder pass: stop here
+            routing["sequence_ids"] = sequence_ids
+            raise _Routed
+        keep = routing["routed"]  # requests that named their adapter keep it
+        sequence_ids = torch.where(keep, sequence_ids, routing["explicit"].to(torch.int32))
+        token_ids = torch.where(keep[:, None], token_ids, routing["explicit"][:, None].to(torch.int32))
+        self.context.route_tokens(token_ids, sequence_ids)
+        routing["sequence_ids"] = sequence_ids
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None, *,
+                 max_new_tokens: int = 64, chat: bool = True, batch_size: int = 16) -> tuple[list[str], list[str | None]]:
+        """Greedy answers for ``prompts`` and the adapter each went to (``None``: base model).
+        ``adapters``: a name (or ``None``) per prompt; by default the switch picks. Mixed batches of
+        ``batch_size`` prompts of similar length (less padding); answers in input order."""
+        prompts = list(prompts)
+        if adapters is not None and len(adapters) != len(prompts):
+            raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts")
+        explicit = None if adapters is None else self.context.ids_of(adapters)
+        rows, spans = zip(*(prompt_tokens(self.tokenizer, p, chat) for p in prompts)) if prompts else ((), ())
+        stops = self.stop_token_ids()
+        texts, chosen = [""] * len(prompts), [None] * len(prompts)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            ids = None if explicit is None else explicit[batch]
+            new_tokens, routed = self.generate_ids([rows[i] for i in batch], [max_new_tokens] * len(batch), stops, ids,
+                                                   spans=[spans[i] for i in batch])
+            for i, tokens, adapter in zip(batch, new_tokens, self.adapter_names(routed)):
+                texts[i] = self.tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True).strip()
+                chosen[i] = adapter
+        return texts, chosen
+
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int], stop_ids: Sequence[int],
+                     adapter_ids: torch.Tensor | None = None, routed: torch.Tensor | None = None,
+                     spans: Sequence[tuple[int, int]] | None = None) -> tuple[list[list[int]], torch.Tensor]:
+        """Greedy-generate every prompt (token ids) in one mixed batch with a KV cache; returns each
+        prompt's new tokens — at most its own ``max_new_tokens``, ending at its first stop token if it
+        reached one: what the prompt gets when generated alone — and the adapter id each used.
+
+        ``adapter_ids [B]``: each prompt's adapter (−1: base model); ``None``: the switch picks for
+        all. ``routed [B]`` (bool): the switch picks for these prompts, the others keep their id.
+        ``spans``: each prompt's own tokens ``(start, end)``, what the switch reads (default: all)."""
+        batch = len(prompt_ids)
+        device = self._device
+        if batch == 0:
+            return [], torch.zeros(0, dtype=torch.int32, device=device)
+        input_ids, attention_mask = pad(prompt_ids, self.tokenizer.pad_token_id, device=device)
+        spans = [(0, len(row)) for row in prompt_ids] if spans is None else spans
+        content = content_mask([len(row) for row in prompt_ids], spans, input_ids.shape[1], device=device)
+        explicit = torch.full((batch,), NO_ADAPTER, device=device) if adapter_ids is None else adapter_ids.to(device)
+        routed = torch.ones(batch, dtype=torch.bool, device=device) if adapter_ids is None and routed is None else (
+            torch.zeros(batch, dtype=torch.bool, device=device) if routed is None else routed.to(device))
+        if routed.any():  # a host read, before any model work: does this batch need the switch at all?
+            self._require_switch()
+            if not self.one_pass:  # adapters below the switch layer: route first, then the routed forward
+                explicit = torch.where(routed, self.route_ids(input_ids, attention_mask, content), explicit)
+                routed = torch.zeros_like(routed)
+        self.context.assign(explicit)
+        if routed.any():
+            self._routing = {"content": content, "routed": routed, "explicit": explicit}
+        limits = torch.tensor(list(max_new_tokens), device=device)
+        stops = torch.tensor(list(stop_ids), device=device)
+        try:
+            tokens = self._decode(input_ids, attention_mask, limits, stops)
+        finally:
+            self._routing = None
+        used = self.context.sequence_ids.to(torch.int32)
+        self.context.assign(None)
+        new_tokens = []
+        for row, limit in zip(tokens.tolist(), max_new_tokens):
+            row = row[:limit]
+            end = next((i + 1 for i, token in enumerate(row) if token in stop_ids), len(row))
+            new_tokens.append(row[:end])
+        return new_tokens, used
+
+    def _decode(self, input_ids, attention_mask, limits, stops) -> torch.Tensor:
+        """Greedy decoding with a KV cache until every sequence hit a stop token or its limit."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.network.config)
+        positions = _positions(attention_mask)
+        done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        generated = []
+        step_ids = input_ids
+        for step in range(int(limits.max())):
+            logits = self.network(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            self._routing = None  # only the prefill routes
+            next_tokens = torch.where(done, self.tokenizer.pad_token_id, logits.argmax(-1))
+            generated.append(next_tokens)
+            done |= torch.isin(next_tokens, stops) | (step + 1 >= limits)
+            if bool(done.all()):
+                break
+            step_ids = next_tokens[:, None]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), 1)], 1)
+            positions = positions[:, -1:] + 1
+        return torch.stack(generated, 1) if generated else input_ids.new_zeros(len(input_ids), 0)
+
+    def stop_token_ids(self) -> list[int]:
+        """The tokens that end an answer: the generation config's EOS (chat models: end of turn)."""
+        eos = self.network.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    def _require_switch(self) -> None:
+        if self.switch is None:
+            raise ValueError("this SwitchModel has no switch: name each prompt's adapter")
+
+
+class _Routed(Exception):
+    """Raised at the switch layer of an encoder pass: the ids are known, the rest is not needed."""
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: each sequence counts from 0 at its first token."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def lowest_adapted_layer(model: nn.Module) -> int:
+    """The lowest decoder layer index with an adapter weight (a bank layer or a PEFT LoRA layer); the
+    number of layers when there is none."""
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        for module in layer.modules():
+            bank = isinstance(module, MultiLoraLinear) and bool((module.ranks > 0).any())
+            if bank or getattr(module, "lora_A", None):
+                return index
+    return len(layers)

@@ -1,0 +1,145 @@
+"""The OpenAI API edge shared by ``switchcit serve`` and ``switchcit route``: request checks, the
+model names (``auto``: the switch picks; ``base``: no adapter — the only place that name exists),
+error responses in OpenAI's shape, ``/v1/models`` and ``/health`` bodies."""
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+__all__ = ["AUTO", "BASE_MODEL_NAME", "ApiError", "OpenAIRequest", "check_model", "health_response",
+           "install_error_handlers", "models_response", "parse_request", "read_json"]
+
+AUTO = "auto"  # model name: let the switch pick the adapter
+BASE_MODEL_NAME = "base"  # model name: no adapter (id −1 inside the library)
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class ApiError(Exception):
+    """An OpenAI-style error response: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> "JSONResponse":
+        from fastapi.responses import JSONResponse
+
+        body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+@dataclass
+class OpenAIRequest:
+    """A checked ``/v1/completions`` (``prompt``) or ``/v1/chat/completions`` (``messages``) body."""
+
+    chat: bool
+    model: str
+    max_tokens: int | None  # None: the endpoint's default
+    prompt: str = ""
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def routing_text(self) -> str:
+        """What the switch reads: the prompt, or the last user message of a chat."""
+        return [m["content"] for m in self.messages if m["role"] == "user"][-1] if self.chat else self.prompt
+
+
+_REQUIRED = object()
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", list: "a list"}
+
+
+def _field(payload: dict, name: str, kind: type, default: Any = _REQUIRED, param: str | None = None) -> Any:
+    """``payload[name]`` if it has type ``kind`` (a bool is no integer); absent or null: ``default``."""
+    param = param or name
+    value = payload.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            raise ApiError(400, f"{param} is required", param=param)
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ApiError(400, f"{param} must be {_TYPE_NAMES[kind]}, got {json.dumps(value)[:40]}", param=param)
+    return value
+
+
+def parse_request(payload: Any, chat: bool) -> OpenAIRequest:
+    """Check a request body's fields and types (400 on the first problem). Unknown fields, sampling
+    options included, are ignored: decoding is greedy."""
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    model = _field(payload, "model", str, AUTO)
+    max_tokens = _field(payload, "max_tokens", int, None)
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+    if _field(payload, "stream", bool, False):
+        raise ApiError(400, "streaming is not supported: leave stream unset or false", param="stream")
+    if _field(payload, "n", int, 1) != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    if not chat:
+        return OpenAIRequest(False, model, max_tokens, prompt=_field(payload, "prompt", str))
+    messages = _field(payload, "messages", list)
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ApiError(400, f"messages.{i} must be an object with role and content", param=f"messages.{i}")
+        role = _field(message, "role", str, param=f"messages.{i}.role")
+        if role not in CHAT_ROLES:
+            raise ApiError(400, f"messages.{i}.role must be one of {list(CHAT_ROLES)}, got {role!r}",
+                           param=f"messages.{i}.role")
+        _field(message, "content", str, param=f"messages.{i}.content")
+    if not any(m["role"] == "user" for m in messages):
+        raise ApiError(400, "messages need at least one user message", param="messages")
+    return OpenAIRequest(True, model, max_tokens,
+                         messages=[{"role": m["role"], "content": m["content"]} for m in messages])
+
+
+def check_model(model: str, adapters: Sequence[str], has_switch: bool) -> None:
+    """``model`` must be ``auto`` (with a switch), ``base`` or an adapter."""
+    if model not in (AUTO, BASE_MODEL_NAME, *adapters):
+        raise ApiError(404, f"unknown model {model!r}: use {AUTO!r}, {BASE_MODEL_NAME!r} or an adapter {list(adapters)}",
+                       param="model", code="model_not_found")
+    if model == AUTO and not has_switch:
+        raise ApiError(400, f"this run has no switch: name an adapter {list(adapters)} or {BASE_MODEL_NAME!r}", param="model")
+
+
+async def read_json(request: "Request") -> Any:
+    try:
+        return json.loads(await request.body())
+    except ValueError as error:  # JSONDecodeError, or bytes that are no text
+        raise ApiError(400, f"malformed JSON body: {error}") from None
+
+
+def install_error_handlers(app: "FastAPI") -> None:
+    """Every failure answers OpenAI-style JSON, unknown routes and methods included."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return ApiError(error.status_code, str(error.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(error).__name__}: {error}", kind="server_error").response()
+
+
+def models_response(adapters: Sequence[str], has_switch: bool, created: int) -> dict:
+    names = ([AUTO] if has_switch else []) + [BASE_MODEL_NAME, *adapters]
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "switchcit"}
+                                       for n in names]}
+
+
+def health_response(batcher) -> "JSONResponse":
+    from fastapi.responses import JSONResponse
+
+    status = {"status": "ok" if batcher.accepting else "shutting_down", "queued": batcher.queued,
+              "in_batch": batcher.in_batch}
+    return JSONResponse(status, status_code=200 if batcher.accepting else 503)
