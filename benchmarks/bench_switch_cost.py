@@ -1,117 +1,156 @@
-"""What routing costs next to the forward it routes: the switch head (pooling + MLP + gate + ids; the
-fused Triton kernel on CUDA), the routing plan, and the feature pass each feature source needs.
+"""What routing costs inside the routed prefill: the pipeline's prefill with the switch at layer K (it
+routes inside the forward) against the same prefill with every sequence's adapter given, timed
+alternately in one run; plus the switch op and the routing plan alone.
 
-    python benchmarks/bench_switch_cost.py           # CUDA: the 1.1B shape of bench_model.py, bf16
-    python benchmarks/bench_switch_cost.py --cpu     # CPU: bench_model.py's CPU shape, fp32
+    python benchmarks/bench_switch_cost.py                   # SmolLM2-135M-Instruct, K = 0 and 2
+    python benchmarks/bench_switch_cost.py --smoke           # a tiny random Llama (CI)
 
-The forward is a prefill of the batch with 8 adapters mixed (switchcit's accelerated PEFT model).
-Routing runs once per request (prefill), never per decoded token. Feature sources: ``embeddings``
-needs only the embedding lookup; ``last_token`` (the paper's) needs the base model's pass over the
-prompt — one more prefill, unless it is read from the same forward (``layer:K``).
+The model carries 8 random rank-16 adapters on every linear layer ≥ K (as a run with switch layer K
+trains them); the prefill is a batch of random prompts, one new token each (``generate_ids`` with
+``max_new_tokens = 1``). Routing runs once per request, in the prefill, never per decoded token.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+import statistics
+import tempfile
+import time
 from pathlib import Path
 
 import torch
+from common import run_metadata, write_results
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_model import ADAPTERS, CPU_SWEEP, GPU_SWEEP, SMOKE_SWEEP, build_model  # noqa: E402
-from common import median_ms, run_metadata  # noqa: E402
+from switchcit import load_adapters
+from switchcit.ops import build_routing_plan, switch_route
+from switchcit.pipeline import SwitchModel
+from switchcit.switch import Switch
 
-from switchcit import accelerate, build_routing_plan  # noqa: E402
-from switchcit.switch import Switch  # noqa: E402
-
-RETAINED_PER_TASK = 50
+ADAPTERS = tuple(f"task{i}" for i in range(8))
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def fitted_switch(hidden: int, tasks: int, gen: torch.Generator) -> Switch:
+def banked_model(base_folder: str, layer: int, rank: int = 16):
+    """The base model with 8 random adapters on every linear layer from ``layer`` up."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_folder)
+    layers = list(range(layer, base.config.num_hidden_layers))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, layers_to_transform=layers,
+                        init_lora_weights=False)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, config, adapter_name=ADAPTERS[0])
+    for name in ADAPTERS[1:]:
+        peft_model.add_adapter(name, config)
+    with tempfile.TemporaryDirectory() as folder:
+        peft_model.save_pretrained(folder)
+        model = load_adapters(AutoModelForCausalLM.from_pretrained(base_folder),
+                              {name: Path(folder) / name for name in ADAPTERS})
+    return model, AutoTokenizer.from_pretrained(base_folder)
+
+
+def random_switch(hidden: int, layer: int, gen: torch.Generator, per_task: int = 50) -> Switch:
     """A switch fitted on random task clusters (its cost does not depend on what it learned)."""
-    centres = torch.randn(tasks, hidden, generator=gen)
-    features = torch.cat([centres[t] + 0.3 * torch.randn(RETAINED_PER_TASK, hidden, generator=gen) for t in range(tasks)])
-    labels = [ADAPTERS[t] for t in range(tasks) for _ in range(RETAINED_PER_TASK)]
-    return Switch.fit(features, features, labels, epochs=2)
+    centres = torch.randn(len(ADAPTERS), hidden, generator=gen)
+    features = torch.cat([c + 0.3 * torch.randn(per_task, hidden, generator=gen) for c in centres])
+    labels = [task for task in ADAPTERS for _ in range(per_task)]
+    return Switch.fit(features, features, labels, layer=layer)
 
 
-def measure(sweep, device: torch.device, repeats: int) -> dict:
-    on_cuda = device.type == "cuda"
-    model = accelerate(build_model(sweep.shape, sweep.dtype, device))
-    batch, seq_len = sweep.prefill
-    gen = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, sweep.shape.vocab, (batch, seq_len), generator=gen).to(device)
-    mask = torch.ones_like(input_ids)
-    names = [ADAPTERS[i % len(ADAPTERS)] for i in range(batch)]
-    switch = fitted_switch(sweep.shape.hidden, len(ADAPTERS), gen)
-    task_to_adapter = torch.arange(len(ADAPTERS), dtype=torch.int32, device=device)
-    base = model.get_base_model()
+def interleaved_ms(fns: dict[str, callable], repeats: int) -> dict[str, float]:
+    """Median ms of each function, their calls alternated (a busy neighbour slows all of them alike)."""
+    samples = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(values) for name, values in samples.items()}
+
+
+def measure(base_folder: str, layer: int, batch: int, seq_len: int, repeats: int) -> dict:
+    model, tokenizer = banked_model(base_folder, layer)
+    gen = torch.Generator().manual_seed(layer)
+    pipeline = SwitchModel(model, tokenizer, random_switch(model.config.hidden_size, layer, gen))
+    assert pipeline.one_pass
+    prompts = torch.randint(100, model.config.vocab_size, (batch, seq_len), generator=gen).tolist()
+    explicit = torch.arange(batch) % len(ADAPTERS)
+    limits, stops = [1] * batch, []
+    hidden = torch.randn(batch, seq_len, model.config.hidden_size, generator=gen)
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    head, task_to_adapter = pipeline.switch.head(), pipeline.task_to_adapter()
+    token_ids = torch.randint(-1, len(ADAPTERS), (batch * seq_len,), generator=gen)
     with torch.no_grad():
-        embeddings = base.get_input_embeddings()(input_ids)
-        hidden = torch.randn(embeddings.shape, generator=gen).to(device, embeddings.dtype)
-        token_ids = torch.randint(-1, len(ADAPTERS), (batch * seq_len,), generator=gen).to(device)
-
-        timings = {
-            "forward (prefill, 8 adapters mixed)": lambda: model(input_ids=input_ids, adapter_names=names),
-            "switch head (pool + MLP + gate + ids)": lambda: switch.route_hidden(hidden, embeddings, mask, task_to_adapter),
-            "routing plan": lambda: build_routing_plan(token_ids, len(ADAPTERS)),
-            "embeddings feature (lookup)": lambda: base.get_input_embeddings()(input_ids),
-            "last_token feature (base pass over the prompt)": lambda: model(input_ids=input_ids,
-                                                                            adapter_names=["__base__"] * batch),
-        }
-        ms = {name: median_ms(fn, repeats, on_cuda) for name, fn in timings.items()}
-    forward = ms["forward (prefill, 8 adapters mixed)"]
-    head, plan = ms["switch head (pool + MLP + gate + ids)"], ms["routing plan"]
-    return {
-        "batch": [batch, seq_len], "shape": sweep.shape.__dict__, "dtype": str(sweep.dtype),
-        "switch": {"tasks": len(ADAPTERS), "hidden_units": switch.mlp[0].out_features,
-                   "gate_components": int(switch.gate_components.shape[0])},
-        "ms": ms,
-        "percent_of_forward": {name: 100 * value / forward for name, value in ms.items()},
-        "routing_percent": {
-            "embeddings features": 100 * (ms["embeddings feature (lookup)"] + head + plan) / forward,
-            "hidden states of the same forward (layer:K)": 100 * (head + plan) / forward,
-            "last_token features (separate base pass)": 100 * (ms["last_token feature (base pass over the prompt)"] + head + plan) / forward,
-        },
-    }
+        ms = interleaved_ms({
+            "prefill, adapters given": lambda: pipeline.generate_ids(prompts, limits, stops, explicit),
+            "prefill, switch routes at layer K": lambda: pipeline.generate_ids(prompts, limits, stops),
+            "switch op alone (pool + MLP + gate + ids)": lambda: switch_route(hidden, hidden, mask, head, task_to_adapter),
+            "routing plan alone": lambda: build_routing_plan(token_ids, len(ADAPTERS)),
+        }, repeats)
+    given, routed = ms["prefill, adapters given"], ms["prefill, switch routes at layer K"]
+    return {"layer": layer, "batch": [batch, seq_len], "ms": ms,
+            "routing_percent": 100 * (routed - given) / routed,
+            "switch_and_plan_percent": 100 * (ms["switch op alone (pool + MLP + gate + ids)"]
+                                              + ms["routing plan alone"]) / routed}
 
 
-def markdown(report: dict) -> str:
-    meta, r = report["metadata"], report["result"]
-    lines = [
-        f"# Routing cost: {meta['device']}", "",
-        f"- date (UTC) {meta['date_utc']}; torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}; "
-        f"git {meta['git_commit']}",
-        f"- random Llama {r['shape']}, {r['dtype']}; prefill batch {r['batch'][0]}×{r['batch'][1]}; 8 LoRA adapters mixed",
-        f"- switch: {r['switch']['tasks']} tasks, MLP hidden {r['switch']['hidden_units']}, "
-        f"{r['switch']['gate_components']} gate components; median ms",
-        f"- command: `{report['command']}`", "",
-        "| step | ms | % of the forward |", "|---|---:|---:|",
-    ]
-    lines += [f"| {name} | {value:.3f} | {r['percent_of_forward'][name]:.2f}% |" for name, value in r["ms"].items()]
-    lines += ["", "Routing (once per request) as % of the routed forward, by feature source:", "",
-              "| features | routing / forward |", "|---|---:|"]
-    lines += [f"| {name} | {value:.2f}% |" for name, value in r["routing_percent"].items()]
-    return "\n".join(lines) + "\n"
+def gemm_gflops(size: int = 1024, repeats: int = 5) -> float:
+    """The machine's limit beside the timings: a big float32 GEMM's rate in this run."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu", action="store_true", help="CPU shape, fp32 (default on a machine without CUDA)")
-    parser.add_argument("--smoke", action="store_true", help="a tiny shape, for tests")
+    parser.add_argument("--base", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--layers", default="0,2", help="switch layers K, comma-separated")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--smoke", action="store_true", help="a tiny random Llama, few repeats (CI)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    on_cuda = torch.cuda.is_available() and not (args.cpu or args.smoke)
-    device = torch.device("cuda" if on_cuda else "cpu")
-    sweep = SMOKE_SWEEP if args.smoke else GPU_SWEEP if on_cuda else CPU_SWEEP
-    report = {"metadata": run_metadata(device), "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-              "result": measure(sweep, device, repeats=3 if args.smoke else 9)}
-    tag = "smoke" if args.smoke else "gpu" if on_cuda else "cpu"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"switch-cost-{tag}.json").write_text(json.dumps(report, indent=1))
-    (args.out / f"switch-cost-{tag}.md").write_text(markdown(report))
-    print(markdown(report))
+    if args.smoke:
+        args.base = str(tiny_llama(Path(tempfile.mkdtemp())))
+        args.layers, args.batch, args.seq_len, args.repeats = "0,1", 4, 16, 2
+    elif args.base is None:
+        from switchcit.pretrained import smollm2_135m_instruct
+
+        args.base = str(smollm2_135m_instruct())
+    rows = [measure(args.base, int(k), args.batch, args.seq_len, args.repeats) for k in args.layers.split(",")]
+    meta = run_metadata(torch.device("cpu")) | {
+        "model": Path(args.base).name, "float32 GEMM 1024³ GFLOP/s (same run)": round(gemm_gflops(), 1),
+        "command": "python benchmarks/bench_switch_cost.py" + (" --smoke" if args.smoke else
+                                                               f" --layers {args.layers} --batch {args.batch}"
+                                                               f" --seq-len {args.seq_len} --repeats {args.repeats}"),
+    }
+    names = list(rows[0]["ms"])
+    header = ["K", *(f"{n} (ms)" for n in names), "routing / routed prefill", "switch op + plan / routed prefill"]
+    table = [[str(r["layer"]), *(f"{r['ms'][n]:.2f}" for n in names), f"{r['routing_percent']:.2f}%",
+              f"{r['switch_and_plan_percent']:.3f}%"] for r in rows]
+    name = "switch-cost-smoke" if args.smoke else "switch-cost-cpu"
+    _, md = write_results(args.out, name, "Routing cost inside the routed prefill", meta, rows, header, table,
+                          notes=__doc__)
+    print(md.read_text())
+
+
+def tiny_llama(folder: Path) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from switchcit.pretrained import smollm2_135m_instruct
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_135m_instruct()).save_pretrained(folder)
+    return folder
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class RoutingContext:
     def __init__(self, names: Sequence[str] = ()):
         self.names: list[str | None] = []  # None marks a removed adapter
         self.sequence_ids: torch.Tensor | None = None  # int [B]: the assigned adapter of each sequence
-        self.plan: RoutingPlan | None = None  # the current forward's plan; None: the base model only
+        self._plan: RoutingPlan | None = None
         for name in names:
             self.add(name)
 
@@ -68,6 +68,15 @@ class RoutingContext:
         self.names[index] = None
         return index
 
+    @property
+    def plan(self) -> RoutingPlan | None:
+        """The current forward's plan (``None``: every token on the base model). An adapter that joined
+        after it was built (a PEFT layer met a new adapter) gets a plan with the same tokens and one
+        more, empty, adapter."""
+        if self._plan is not None and self._plan.num_adapters != self.num_adapters:
+            self._plan = build_routing_plan(self._plan.token_adapter, self.num_adapters, validate=False)
+        return self._plan
+
     def ids_of(self, names: Sequence[str | None], device=None) -> torch.Tensor:
         """Names (``None``: the base model) → an int64 id tensor: the names edge."""
         return torch.tensor([NO_ADAPTER if n is None else self.id_of(n) for n in names], dtype=torch.int64,
@@ -80,7 +89,7 @@ class RoutingContext:
             if not isinstance(sequence_ids, torch.Tensor) or sequence_ids.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"adapter ids must be an int32 or int64 tensor, got {sequence_ids!r:.60}")
             sequence_ids = sequence_ids.reshape(-1)
-        self.sequence_ids, self.plan = sequence_ids, None
+        self.sequence_ids, self._plan = sequence_ids, None
 
     def begin_forward(self, input_shape: Sequence[int], device: torch.device) -> None:
         """The plan of a forward over tokens ``input_shape`` ([B, S]) from the assigned sequence ids —
@@ -88,7 +97,7 @@ class RoutingContext:
         ``num_return_sequences``)."""
         ids = self.sequence_ids
         if ids is None:
-            self.plan = None
+            self._plan = None
             return
         batch, sequences = input_shape[0], ids.numel()
         if sequences == 0 or batch % sequences:
@@ -101,7 +110,7 @@ class RoutingContext:
         ``sequence_ids``, also assign them for the forwards that follow (decode steps)."""
         if sequence_ids is not None:
             self.sequence_ids = sequence_ids.reshape(-1)
-        self.plan = build_routing_plan(token_ids.reshape(-1), self.num_adapters)
+        self._plan = build_routing_plan(token_ids.reshape(-1), self.num_adapters)
 
 
 def attach_context(model: nn.Module, context: RoutingContext) -> RoutingContext:

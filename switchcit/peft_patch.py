@@ -27,6 +27,8 @@ logger = logging.getLogger("switchcit")
 PEFT_BASE = "__base__"  # PEFT's adapter name for "no adapter"
 CONTEXT_ATTR = "switchcit_context"
 _BANK_ATTR = "_switchcit_bank"
+_ROUTING_ATTR = "_switchcit_peft_routing"
+_ADAPTER_METHODS = ("add_adapter", "load_adapter")
 
 
 def accelerate(model: nn.Module) -> nn.Module:
@@ -39,7 +41,8 @@ def accelerate(model: nn.Module) -> nn.Module:
     from peft.tuners.lora import LoraLayer
 
     context = getattr(model, CONTEXT_ATTR, None) or RoutingContext()
-    peft_routing = _PeftRouting(context)
+    peft_routing = model.__dict__.get(_ROUTING_ATTR) or _PeftRouting(context)
+    _follow_adapters(model, context)
     accelerated, skipped = 0, []
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
@@ -53,6 +56,7 @@ def accelerate(model: nn.Module) -> nn.Module:
             module.forward = types.MethodType(_accelerated_forward, module)
         accelerated += 1
     setattr(model, CONTEXT_ATTR, attach_context(model, context))
+    model.__dict__[_ROUTING_ATTR] = peft_routing
     model.switchcit_accelerated_layers = accelerated
     if skipped:
         warnings.warn(f"switchcit: {len(skipped)} LoRA layer(s) stay on PEFT's path: {', '.join(skipped)}", stacklevel=2)
@@ -65,9 +69,30 @@ def restore(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if module.__dict__.pop(_BANK_ATTR, None) is not None:
             del module.forward
-    for attr in (CONTEXT_ATTR, "switchcit_accelerated_layers"):
+    for attr in (CONTEXT_ATTR, _ROUTING_ATTR, "switchcit_accelerated_layers", *_ADAPTER_METHODS):
         model.__dict__.pop(attr, None)
     return model
+
+
+def _follow_adapters(model: nn.Module, context: RoutingContext) -> None:
+    """The context knows every adapter of the PeftModel by name, also those added or loaded later (the
+    pipeline converts names to ids before any layer runs)."""
+    def sync() -> None:
+        for name in model.peft_config:
+            context.add(name)
+
+    for method in _ADAPTER_METHODS:
+        if method in model.__dict__:
+            continue
+        original = getattr(model, method)
+
+        def changed(*args, _original=original, **kwargs):
+            result = _original(*args, **kwargs)
+            sync()
+            return result
+
+        model.__dict__[method] = changed
+    sync()
 
 
 def _unservable(module: nn.Module) -> str | None:

@@ -38,7 +38,7 @@ class SwitchModel:
         from switchcit.adapters import routing_context
 
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.network = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: no wrapper
+        self.network = _transformers_model(model)
         self.context = routing_context(model)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -270,6 +270,15 @@ class SwitchModel:
 
 class _Routed(Exception):
     """Raised at the switch layer of an encoder pass: the ids are known, the rest is not needed."""
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (its LoRA layers in place), or ``model`` itself."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return model
+    return model.base_model.model if isinstance(model, PeftModel) else model
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:

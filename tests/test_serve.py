@@ -181,6 +181,16 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "stream": True}, 400, "stream"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
     ("/v1/embeddings", {"input": "hi"}, 404, None),
+    ("/v1/completions", '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),  # deeper than the parser goes
+    ("/v1/completions", '{"prompt": "hi", "user": ' + "[" * 100 + "]" * 100 + "}", 400, None),  # an unused field
+    ("/v1/completions", '{"prompt": "a \\ud800 b"}', 400, None),  # a lone surrogate: no text
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, None),
+    ("/v1/completions", '{"prompt": "hi", "user": "\\ud800"}', 400, None),
+    ("/v1/completions", '{"prompt": "hi", "temperature": NaN}', 400, None),  # Python's JSON, not JSON
+    ("/v1/completions", '{"prompt": "hi", "temperature": 1e999}', 400, None),
+    ("/v1/completions", {"prompt": "hi", "model": "x" * 100_000}, 404, "model"),  # errors quote a short prefix
+    ("/v1/chat/completions", {"messages": [{"role": "r" * 100_000, "content": "hi"}]}, 400, "messages.0.role"),
+    ("/v1/completions", '{"prompt": "hi", "max_tokens": ' + "9" * 5000 + "}", 400, None),  # beyond int()'s digits
 ]
 
 
@@ -195,10 +205,88 @@ def test_bad_input_gets_a_4xx_json_error_before_any_model_work(server):
             error = response.json()["error"]
             assert error["message"] and error["type"], error
             assert error["param"] == param, (payload, error)
+            assert len(response.content) < 1000, "an error quotes at most a short prefix of what it rejects"
         assert client.get("/v1/completions").status_code == 405
         assert len(log.batches) == batches_before, "no bad request reached the model"
         good = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_an_empty_last_user_message_routed_by_auto_is_answered_alone_and_in_a_batch(server):
+    url, _ = server
+    empty = [{"role": "user", "content": ""}]
+    empty_after_turns = [{"role": "user", "content": "Write a haiku"}, {"role": "assistant", "content": "ok"}, *empty]
+    for messages in (empty, empty_after_turns):
+        alone = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=30)
+        assert alone.status_code == 200, alone.text
+    batch = [("/v1/chat/completions", {"model": "auto", "messages": empty, "max_tokens": 2})]
+    batch += [("/v1/completions", body("/v1/completions", p, "haiku")) for p in task_prompts("haiku", TOPICS[:5])]
+    assert [status for status, _ in asyncio.run(send_all(url, batch, clients=len(batch)))] == [200] * len(batch)
+
+
+def test_a_request_that_fails_at_run_time_fails_alone(run_dir):
+    """A batch whose generate raises is retried request by request: only the faulty request gets an
+    error (500, OpenAI's shape), the others of its batch are answered."""
+    model = SwitchModel.from_run(run_dir)
+    poison = model.tokenizer("poison")["input_ids"]  # a completion's prompt is tokenised as it is
+    generate, batch_sizes = model.generate_ids, []
+
+    def failing_for_poison(prompt_ids, *args, **kwargs):
+        batch_sizes.append(len(prompt_ids))
+        if poison in [list(ids) for ids in prompt_ids]:
+            raise RuntimeError("injected failure")
+        return generate(prompt_ids, *args, **kwargs)
+
+    model.generate_ids = failing_for_poison
+    requests = [("/v1/completions", body("/v1/completions", prompt, model_name)) for prompt, model_name in
+                [("poison", "base"), ("hello", "auto"), ("Write a haiku about rain.", "haiku"), ("hi", "base")]]
+    app = create_app(model, max_batch_size=len(requests), batch_window_ms=2000, max_new_tokens=8)
+    with serving(app) as (url, _):
+        results = asyncio.run(send_all(url, requests, clients=len(requests)))
+        assert health(url)["status"] == "ok"
+    assert [status for status, _ in results] == [500, 200, 200, 200], results
+    assert results[0][1]["error"]["type"] == "server_error" and "injected failure" in results[0][1]["error"]["message"]
+    assert batch_sizes == [4, 1, 1, 1, 1], "one batch, then each request alone"
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read(run_dir):
+    app = create_app(SwitchModel.from_run(run_dir), max_body_bytes=10_000)
+    with serving(app) as (url, _):
+        big = json.dumps({"prompt": "word " * 10_000_000})  # 50 MB: tokenising it took minutes
+        for content in (big, (big[i:i + 65536].encode() for i in range(0, len(big), 65536))):  # sized, then chunked
+            response = httpx.post(f"{url}/v1/completions", content=content, timeout=30,
+                                  headers={"content-type": "application/json"})
+            assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+        fits = httpx.post(f"{url}/v1/completions", json={"prompt": "word " * 100, "max_tokens": 2}, timeout=30)
+        assert fits.status_code == 200, fits.text
+
+
+def test_tokenising_runs_off_the_event_loop(run_dir, monkeypatch):
+    """While one request is being templated and tokenised, /health and other requests are answered."""
+    from switchcit.serving import app as serving_module
+
+    entered, release = threading.Event(), threading.Event()
+    template = serving_module.chat_messages_text
+
+    def slow_template(tokenizer, messages):
+        if messages[-1]["content"] == "slow":
+            entered.set()
+            release.wait(timeout=60)
+        return template(tokenizer, messages)
+
+    monkeypatch.setattr(serving_module, "chat_messages_text", slow_template)
+    app = create_app(SwitchModel.from_run(run_dir), max_new_tokens=8)
+    with serving(app) as (url, _), ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(httpx.post, f"{url}/v1/chat/completions", timeout=60,
+                           json=body("/v1/chat/completions", "slow", "base"))
+        try:
+            assert entered.wait(30)
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+            fast = httpx.post(f"{url}/v1/completions", json=body("/v1/completions", "hi", "base"), timeout=10)
+            assert fast.status_code == 200
+        finally:
+            release.set()
+        assert slow.result(timeout=60).status_code == 200
 
 
 class GatedGenerate:

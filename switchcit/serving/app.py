@@ -15,13 +15,16 @@ Decoding is always greedy: sampling options (``temperature``, ``top_p``, …) ar
 ``stream: true`` or ``n > 1`` are refused. ``prompt`` is one string; chat ``content`` is a string.
 
 Errors are OpenAI-style JSON (``{"error": {"message", "type", "param", "code"}}``) and come before any
-model work: malformed JSON, missing fields or wrong types (400), an unknown model (404),
-``max_tokens`` outside ``[1, max_new_tokens]`` or a prompt over ``max_prompt_tokens`` tokens (400),
-a full queue (429). On shutdown (SIGINT/SIGTERM) the server stops taking requests, finishes the
-running batch and what is queued within ``drain_timeout_s``, and answers 503 to requests still queued
-then.
+model work: a body over ``max_body_bytes`` (413, before it is read), malformed JSON, lone surrogates,
+deep nesting, missing fields or wrong types (400), an unknown model (404), ``max_tokens`` outside
+``[1, max_new_tokens]`` or a prompt over ``max_prompt_tokens`` tokens (400), a full queue (429). Each
+request is templated and tokenised (off the event loop) and checked before it joins a batch; a batch
+that still fails is retried request by request, so only a faulty request gets its error. On shutdown
+(SIGINT/SIGTERM) the server stops taking requests, finishes the running batch and what is queued within
+``drain_timeout_s``, and answers 503 to requests still queued then.
 """
 import argparse
+import asyncio
 import copy
 import time
 import uuid
@@ -37,6 +40,7 @@ from switchcit.serving.batcher import Batcher
 from switchcit.serving.openai import (
     AUTO,
     BASE_MODEL_NAME,
+    MAX_BODY_BYTES,
     ApiError,
     OpenAIRequest,
     check_model,
@@ -53,8 +57,8 @@ if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
 
-__all__ = ["BatchGenerator", "Generation", "GenerationRequest", "add_command", "add_listen_arguments", "create_app",
-           "make_server"]
+__all__ = ["BatchGenerator", "Generation", "GenerationRequest", "add_body_limit_argument", "add_command",
+           "add_listen_arguments", "create_app", "make_server"]
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the server limit
 
@@ -101,14 +105,15 @@ class BatchGenerator:
 
 def create_app(model: SwitchModel, *, max_batch_size: int = 16, batch_window_ms: float = 10.0,
                max_prompt_tokens: int = 1024, max_new_tokens: int = 256, max_queue: int = 256,
-               drain_timeout_s: float = 30.0, batcher_class: type[Batcher] = Batcher) -> "FastAPI":
+               drain_timeout_s: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES,
+               batcher_class: type[Batcher] = Batcher) -> "FastAPI":
     """The FastAPI app serving ``model``; run it with :func:`make_server` (explicit drain on shutdown).
     ``batcher_class`` decides how queued requests form batches (the benchmark's baseline overrides it)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
-    if max_prompt_tokens < 1 or max_new_tokens < 1:
-        raise ValueError("max_prompt_tokens and max_new_tokens must be at least 1")
+    if min(max_prompt_tokens, max_new_tokens, max_body_bytes) < 1:
+        raise ValueError("max_prompt_tokens, max_new_tokens and max_body_bytes must be at least 1")
     positions = getattr(model.model.config, "max_position_embeddings", None)
     if positions is not None and max_prompt_tokens + max_new_tokens > positions:
         raise ValueError(f"max_prompt_tokens + max_new_tokens = {max_prompt_tokens + max_new_tokens} exceeds "
@@ -120,8 +125,9 @@ def create_app(model: SwitchModel, *, max_batch_size: int = 16, batch_window_ms:
         raise ValueError(f"adapter names {sorted(reserved)} are reserved model names: rename them")
     batcher = batcher_class(generator, max_batch_size=max_batch_size, batch_window_s=batch_window_ms / 1e3,
                             max_queue=max_queue, drain_timeout_s=drain_timeout_s)
-    # A fast tokenizer sets padding/truncation state on each padded call (the worker thread's switch pass):
-    # calls from two threads at once can clash ("Already borrowed"), so requests get their own copy.
+    # A fast tokenizer sets padding/truncation state on each padded call: such a call beside another
+    # thread's can clash ("Already borrowed"). Requests tokenise on several threads at once, unpadded
+    # (no state changes), with their own copy, so nothing the model does with its tokenizer meets them.
     tokenizer = copy.deepcopy(model.tokenizer)
     created = int(time.time())
 
@@ -153,11 +159,12 @@ def create_app(model: SwitchModel, *, max_batch_size: int = 16, batch_window_ms:
         try:
             return chat_messages_text(tokenizer, body.messages)
         except Exception as error:  # templates raise on conversations they refuse (e.g. role order)
-            raise ApiError(400, f"the chat template refuses these messages: {error}", param="messages") from None
+            raise ApiError(400, f"the chat template refuses these messages: {str(error)[:200]}",
+                           param="messages") from None
 
     async def complete(request: Request, chat: bool) -> dict:
-        body = parse_request(await read_json(request), chat)
-        prepared = prepare(body)
+        body = parse_request(await read_json(request, max_body_bytes), chat)
+        prepared = await asyncio.to_thread(prepare, body)  # templating and tokenising take a while on long prompts
         generation = await request.app.state.batcher.submit(prepared)
         choice: dict[str, Any] = {"index": 0, "finish_reason": generation.finish_reason, "adapter": generation.adapter}
         if chat:
@@ -233,7 +240,13 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get 429 (default 256)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds queued requests may still be served after shutdown starts (default 30)")
+    add_body_limit_argument(p)
     p.set_defaults(run=_serve)
+
+
+def add_body_limit_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                        help=f"larger request bodies get 413 before they are read (default {MAX_BODY_BYTES})")
 
 
 def add_listen_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -246,5 +259,5 @@ def _serve(args: argparse.Namespace) -> None:
     model = SwitchModel.from_run(args.run_dir)
     app = create_app(model, max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
                      max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                     max_queue=args.max_queue, drain_timeout_s=args.drain_timeout)
+                     max_queue=args.max_queue, drain_timeout_s=args.drain_timeout, max_body_bytes=args.max_body_bytes)
     make_server(app, args.host, args.port).run()

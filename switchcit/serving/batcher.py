@@ -1,5 +1,6 @@
 """Dynamic batching for the server and the gateway: a bounded queue → batches → one worker thread."""
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -9,6 +10,8 @@ from typing import Generic, TypeVar
 from switchcit.serving.openai import ApiError
 
 __all__ = ["Batcher"]
+
+logger = logging.getLogger(__name__)
 
 
 Item = TypeVar("Item")
@@ -27,7 +30,9 @@ class Batcher(Generic[Item, Result]):
 
     Runs in the event loop (``start`` in the app's lifespan). A batch closes when it holds
     ``max_batch_size`` items or ``batch_window_s`` after its oldest item arrived. One batch runs at a
-    time: the model and its routing context are not shared between threads.
+    time: the model and its routing context are not shared between threads. A batch that raises is
+    run again item by item, so an item that fails fails alone (its own exception) and the others of
+    its batch get their results.
     """
 
     def __init__(self, run_batch: Callable[[list[Item]], list[Result]], *, max_batch_size: int,
@@ -85,25 +90,34 @@ class Batcher(Generic[Item, Result]):
                                               code="shutting_down", kind="server_error"))
 
     async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
             if not batch:
                 continue
             self.in_batch = len(batch)
             try:
-                results = await loop.run_in_executor(self._executor, self.run_batch, [p.item for p in batch])
-                answered = list(zip(batch, results, strict=True))
-            except Exception as error:  # the whole batch failed: every request says so, the server goes on
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(error)
-            else:
-                for pending, result in answered:
-                    if not pending.future.done():  # its client may be gone
-                        pending.future.set_result(result)
+                await self._answer(batch)
             finally:
                 self.in_batch = 0
+
+    async def _answer(self, batch: list[_Pending[Item]]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self.run_batch, [p.item for p in batch])
+            answered = list(zip(batch, results, strict=True))
+        except Exception as error:
+            if len(batch) == 1:  # the endpoint raises it: a 500 whose traceback the server logs
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(error)
+                return
+            logger.warning("a batch of %d failed (%r): running its requests one by one", len(batch), error)
+            for pending in batch:
+                if not pending.future.done():  # its client may be gone
+                    await self._answer([pending])
+            return
+        for pending, result in answered:
+            if not pending.future.done():
+                pending.future.set_result(result)
 
     async def _next_batch(self) -> list[_Pending[Item]]:
         loop = asyncio.get_running_loop()
