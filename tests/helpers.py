@@ -1,9 +1,22 @@
-"""Random multi-LoRA problems shared by the tests."""
+"""Random multi-LoRA problems shared by the tests, and the backends they run on."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from switchcit.ops.cpp import HAS_CPP_KERNELS
+
+# Every backend of the LoRA op that can run here, with the dtypes it takes (torch: the float64 spec).
+BACKEND_DTYPES = {"torch": (torch.float64,), "triton": (torch.float32, torch.float16, torch.bfloat16)}
+if HAS_CPP_KERNELS:
+    BACKEND_DTYPES["cpp"] = (torch.float32, torch.bfloat16)
+BACKENDS = tuple(BACKEND_DTYPES)
+
+
+def backend_device(backend: str, device: torch.device) -> torch.device:
+    """The C++ kernels take CPU tensors; the other backends run on the test device."""
+    return torch.device("cpu") if backend == "cpp" else device
 
 
 @dataclass
@@ -26,6 +39,18 @@ class Problem:
         return lora_delta_reference(
             x, self.lora_a.double(), self.lora_b.double(), self.adapter_ids.reshape(-1), scaling, self.ranks
         )
+
+    def reference_grads(self, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float64 autograd of the spec: gradients of x, lora_a and lora_b for ``grad_out [T, O]``."""
+        from switchcit.ops.naive import lora_delta_reference
+
+        inputs = tuple(t.detach().double().requires_grad_() for t in (self.x, self.lora_a, self.lora_b))
+        scaling = self.scaling.double() if isinstance(self.scaling, torch.Tensor) else self.scaling
+        delta = lora_delta_reference(*inputs, self.adapter_ids.reshape(-1), scaling, self.ranks)
+        if not delta.requires_grad:  # no token reached an adapter of nonzero rank
+            return tuple(torch.zeros_like(t) for t in inputs)
+        grads = torch.autograd.grad(delta, inputs, grad_out.double(), allow_unused=True)
+        return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads))
 
 
 def make_problem(

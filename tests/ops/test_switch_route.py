@@ -1,12 +1,12 @@
-"""The fused switch kernel (Triton; interpreter on CPU) against its PyTorch reference."""
+"""The switch op (``switch_route``): the fused Triton kernel (interpreter on CPU) against its PyTorch
+reference, ``switchcit.ops.naive.route_reference``."""
 import math
 
 import pytest
 import torch
 from conftest import DEVICE
 
-from switchcit.kernels import fused_switch_route
-from switchcit.ops.routing import build_routing_plan
+from switchcit.ops import build_routing_plan, switch_route
 from switchcit.ops.naive import SwitchHead, classify_reference, gate_distance, pool_features, route_reference
 
 
@@ -47,19 +47,16 @@ def split_between(values: torch.Tensor) -> float:
 
 
 def run_kernel(hidden, embeddings, mask, head, task_to_adapter, pool):
-    h = head.to(DEVICE)
-    return fused_switch_route(
-        hidden.to(DEVICE), embeddings.to(DEVICE), mask.to(DEVICE), h.feature_mean, h.feature_scale, h.w1, h.b1, h.w2,
-        h.b2, h.gate_feature_mean, h.gate_feature_scale, h.class_means, h.gate_components, h.gate_scale,
-        h.max_distance, h.min_probability, task_to_adapter.to(DEVICE), pool == "last",
-    )
+    return switch_route(hidden.to(DEVICE), embeddings.to(DEVICE), mask.to(DEVICE), head, task_to_adapter, pool,
+                        backend="triton")
 
 
 @pytest.mark.parametrize("pool", ["last", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("gate", ["probability", "distance", "open"])
-@pytest.mark.parametrize("shape", [(7, 19, 70, 200, 4, 9), (1, 1, 33, 24, 1, 0), (12, 40, 96, 50, 9, 128),
-                                   (40, 3, 40, 32, 16, 17)], ids=str)
+# (B, S, D, hidden units, tasks, gate components): ragged sizes; S and D span several blocks; K = 0 and 128.
+@pytest.mark.parametrize("shape", [(7, 19, 70, 200, 4, 9), (1, 1, 33, 24, 1, 0), (5, 40, 96, 50, 9, 128),
+                                   (9, 3, 40, 32, 16, 17)], ids=str)
 def test_fused_route_matches_reference(pool, dtype, gate, shape, generator):
     hidden, embeddings, mask, head, task_to_adapter = make_inputs(generator, *shape, dtype)
     features = pool_features(hidden.float(), mask, pool)
