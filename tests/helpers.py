@@ -47,10 +47,7 @@ class Problem:
         inputs = tuple(t.detach().double().requires_grad_() for t in (self.x, self.lora_a, self.lora_b))
         scaling = self.scaling.double() if isinstance(self.scaling, torch.Tensor) else self.scaling
         delta = lora_delta_reference(*inputs, self.adapter_ids.reshape(-1), scaling, self.ranks)
-        if not delta.requires_grad:  # no token reached an adapter of nonzero rank
-            return tuple(torch.zeros_like(t) for t in inputs)
-        grads = torch.autograd.grad(delta, inputs, grad_out.double(), allow_unused=True)
-        return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads))
+        return torch.autograd.grad(delta, inputs, grad_out.double())
 
 
 def make_problem(
@@ -85,7 +82,7 @@ def make_problem(
     ranks = None
     if heterogeneous_ranks:
         ranks = torch.randint(0, max_rank + 1, (num_adapters,), generator=gen)
-        ranks[0] = max_rank  # the full rank is always exercised
+        ranks[:1] = max_rank  # the full rank is always exercised
         ranks = ranks.to(device)
     return Problem(
         x=randn(tokens, hidden),

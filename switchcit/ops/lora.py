@@ -16,7 +16,7 @@ skipped and out-of-range ids route to the base model, so kernels never read out 
 Backends (:mod:`switchcit.ops.backends`): ``"torch"`` (the reference in :mod:`switchcit.ops.naive`,
 any dtype and device), ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
 ``"cpp"`` (CPU tensors, float32/bfloat16, the C++ core). All three are differentiable in ``x``,
-``lora_a`` and ``lora_b``.
+``lora_a`` and ``lora_b``, with zero gradients for what no token reaches.
 """
 from __future__ import annotations
 

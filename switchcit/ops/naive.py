@@ -33,7 +33,10 @@ def lora_delta_reference(
 ) -> torch.Tensor:
     """The LoRA term alone, ``[T, O]``, for ``x [T, H]``, ``lora_a [N, R, H]``, ``lora_b [N, O, R]``."""
     num_adapters, max_rank, _ = lora_a.shape
-    delta = x.new_zeros(x.shape[0], lora_b.shape[1])
+    # Zeros [T, O] as an empty product of x, A and B: the term stays a function of all three when no
+    # token reaches an adapter of rank > 0, so autograd gives them zero gradients, as the kernel
+    # backends do, and backward() does not raise.
+    delta = (x @ lora_a[:0].sum(1).T) @ lora_b[:0].sum(2)
     for adapter in range(num_adapters):
         rows = (adapter_ids == adapter).nonzero().squeeze(1)
         rank = max_rank if ranks is None else int(ranks[adapter])

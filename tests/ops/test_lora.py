@@ -156,7 +156,7 @@ def test_plan_reused_across_layers(backend, generator):
 # Backward on every backend
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_backward_matches_reference(backend, case, generator):
     p = problem(generator, case, backend)
@@ -245,6 +245,27 @@ def test_base_weight_grad_flows_through_linear(generator):
     lora_linear(p.x, weight, p.lora_a, p.lora_b, p.adapter_ids, p.scaling, ranks=p.ranks,
                 backend="triton").backward(grad_out)
     torch.testing.assert_close(weight.grad, grad_out.T @ p.x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("routing", ["all_base", "rank_0_only", "no_adapters"])
+def test_no_routed_token_gives_zero_gradients(backend, routing, generator):
+    """No token reaches an adapter of rank > 0: every input that needs a gradient gets zeros (not none,
+    and backward does not raise), as in ``lora_linear(...).sum().backward()`` with only A and B trained."""
+    num_adapters = 0 if routing == "no_adapters" else 3
+    p = problem(generator, (6, 8, 5, num_adapters, 4, "all_base"), backend)
+    if routing == "rank_0_only":
+        p.ranks[:] = torch.tensor([0, 2, 0])
+        p.adapter_ids[::2] = 2
+    lora_a, lora_b = p.lora_a.requires_grad_(), p.lora_b.requires_grad_()
+    out = lora_linear(p.x, p.weight, lora_a, lora_b, p.adapter_ids, 2.0, ranks=p.ranks, backend=backend)
+    out.sum().backward()
+    for name, leaf in (("lora_a", lora_a), ("lora_b", lora_b)):
+        assert leaf.grad is not None and torch.equal(leaf.grad, torch.zeros_like(leaf)), name
+
+    x = p.x.requires_grad_()
+    lora_delta(x, p.lora_a.detach(), p.lora_b.detach(), p.adapter_ids, 2.0, ranks=p.ranks, backend=backend).sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, torch.zeros_like(x))
 
 
 # --------------------------------------------------------------------------------------------------
