@@ -60,8 +60,7 @@ def gateway(run_dir, switch):
     """``(gateway url, bodies the upstream received)``."""
     received = []
     with serving(stub_upstream(received), draining=False) as (upstream_url, _):
-        app = create_gateway(switch.route, list(read_run(run_dir).adapters), upstream_url,
-                             upstream_base_model=UPSTREAM_BASE)
+        app = create_gateway(switch, list(read_run(run_dir).adapters), upstream_url, upstream_base_model=UPSTREAM_BASE)
         with serving(app) as (url, _):
             yield url, received
 
@@ -111,14 +110,57 @@ def test_explicit_models_are_forwarded_and_listed(gateway):
     ({"prompt": "hi", "model": "poetry"}, 404),
     ({"prompt": "hi", "max_tokens": "3"}, 400),
     ({"prompt": "hi", "stream": True}, 400),
+    pytest.param({"prompt": "hi", "model": "x" * 100_000}, 404, id="long-model"),  # errors quote a short prefix
+    ('{"prompt": "hi", "user": "\\ud800"}', 400),  # forwarded fields must be JSON the upstream can read
+    ('{"prompt": "hi", "temperature": NaN}', 400),
+    ('{"prompt": "hi", "temperature": -1e999}', 400),
+    pytest.param('{"prompt": "hi", "logit_bias": ' + "[" * 900 + "]" * 900 + "}", 400, id="nested-900"),
+    pytest.param('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, id="nested-100000"),
+    pytest.param({"prompt": "word " * 3000}, 400, id="over-2048-positions"),  # for the switch to read
+    pytest.param({"prompt": "word " * 300_000}, 413, id="over-body-limit"),
 ])
 def test_bad_input_is_refused_before_the_upstream(gateway, payload, status):
     url, received = gateway
     received.clear()
     content = payload if isinstance(payload, str) else json.dumps(payload)
-    response = httpx.post(f"{url}/v1/completions", content=content, headers={"content-type": "application/json"})
+    response = httpx.post(f"{url}/v1/completions", content=content, headers={"content-type": "application/json"},
+                          timeout=30)
     assert response.status_code == status and response.json()["error"]["message"]
+    assert len(response.content) < 1000
     assert received == []
+
+
+def test_an_empty_last_user_message_routed_by_auto_is_forwarded(gateway):
+    url, received = gateway
+    messages = [{"role": "user", "content": "Write a haiku"}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": ""}]
+    for chat in (messages[-1:], messages):
+        response = httpx.post(f"{url}/v1/chat/completions", json={"model": "auto", "messages": chat}, timeout=30)
+        assert response.status_code == 200, response.text
+
+
+def test_a_request_whose_routing_fails_fails_alone(run_dir, switch, monkeypatch):
+    """A routing batch that raises is routed again prompt by prompt: only the faulty request gets 500."""
+    route, batch_sizes = switch.route, []
+
+    def failing_for_poison(prompts):
+        batch_sizes.append(len(prompts))
+        if "poison" in prompts:
+            raise RuntimeError("injected failure")
+        return route(prompts)
+
+    monkeypatch.setattr(switch, "route", failing_for_poison)
+    prompts = ["poison", "Write a haiku about rain.", "hello", "Simplify: the rain was ameliorated."]
+    received = []
+    with serving(stub_upstream(received), draining=False) as (upstream_url, _):
+        app = create_gateway(switch, list(read_run(run_dir).adapters), upstream_url, max_batch_size=len(prompts),
+                             batch_window_ms=2000)
+        with serving(app) as (url, _):
+            responses = asyncio.run(post_all(url, [("/v1/completions", {"prompt": p}) for p in prompts]))
+    assert [r.status_code for r in responses] == [500, 200, 200, 200]
+    assert "injected failure" in responses[0].json()["error"]["message"]
+    assert sorted(body["prompt"] for _, body in received) == sorted(prompts[1:])
+    assert batch_sizes == [4, 1, 1, 1, 1], "one batch, then each prompt alone"
 
 
 def test_upstream_errors_come_back_as_json(gateway, run_dir, switch):
@@ -128,7 +170,7 @@ def test_upstream_errors_come_back_as_json(gateway, run_dir, switch):
 
     with serving(fastapi.FastAPI(), draining=False) as (gone_url, _):
         pass  # a port that was just closed
-    app = create_gateway(switch.route, list(read_run(run_dir).adapters), gone_url)
+    app = create_gateway(switch, list(read_run(run_dir).adapters), gone_url)
     with serving(app) as (lonely_url, _):
         response = httpx.post(f"{lonely_url}/v1/completions", json={"model": "haiku", "prompt": "hi"})
         assert response.status_code == 502 and response.json()["error"]["type"] == "upstream_error"

@@ -6,7 +6,9 @@ the prompt's adapter, or to the upstream's name for the base model; every choice
 ``"adapter"``. Endpoints, model names (``auto``, ``base``, the adapters) and input checks are those of
 ``switchcit serve`` (no streaming, ``n`` = 1); everything else in the body (``max_tokens``, sampling
 options…) goes to the upstream as sent, and its answer, errors included, comes back with its status.
-Requests for ``auto`` that arrive together are routed in one batch.
+Requests for ``auto`` that arrive together are routed in one batch, each checked before it joins one
+(its routing text tokenised as the switch reads it, at most ``--max-prompt-tokens``); a batch that
+still fails is routed again prompt by prompt, so only a faulty request gets its error.
 
 ``switchcit export-vllm RUN_DIR OUT_DIR``: copies the run's adapters to ``OUT_DIR/adapters/<task>/``
 (PEFT folders, as vLLM loads them) and prints — and writes to ``OUT_DIR/vllm_serve.sh`` — the
@@ -14,19 +16,23 @@ Requests for ``auto`` that arrive together are routed in one batch.
 matching ``switchcit route`` command.
 """
 import argparse
+import asyncio
+import copy
 import shlex
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from switchcit.serving.app import add_listen_arguments, make_server
+from switchcit.prompts import prompt_tokens
+from switchcit.serving.app import add_body_limit_argument, add_listen_arguments, make_server
 from switchcit.serving.batcher import Batcher
 from switchcit.serving.openai import (
     AUTO,
     BASE_MODEL_NAME,
+    MAX_BODY_BYTES,
     ApiError,
     check_model,
     health_response,
@@ -39,6 +45,8 @@ from switchcit.serving.openai import (
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from switchcit.switch import Switch
+
 __all__ = ["add_command", "create_gateway", "export_vllm", "vllm_max_lora_rank"]
 
 # The values vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks).
@@ -46,21 +54,32 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 UPSTREAM_BASE_MODEL = "base"  # the base model's name upstream: the exported command serves it under this name
 
 
-def create_gateway(route: Callable[[list[str]], list[str | None]], adapters: Sequence[str], upstream: str, *,
+def create_gateway(switch: "Switch", adapters: Sequence[str], upstream: str, *,
                    upstream_base_model: str = UPSTREAM_BASE_MODEL, max_batch_size: int = 32,
                    batch_window_ms: float = 5.0, max_queue: int = 1024, timeout_s: float = 600.0,
-                   drain_timeout_s: float = 30.0) -> "FastAPI":
-    """The gateway app: ``route(prompts)`` is the switch (a task, or ``None`` when unsure, per
-    prompt); tasks without an adapter go to the base model. Run it with
+                   drain_timeout_s: float = 30.0, max_prompt_tokens: int | None = None,
+                   max_body_bytes: int = MAX_BODY_BYTES) -> "FastAPI":
+    """The gateway app: ``switch.route(prompts)`` (with its encoder) picks a task, or ``None`` when
+    unsure, per prompt; tasks without an adapter go to the base model. ``max_prompt_tokens``: the
+    longest routing text the switch reads (default: the base model's positions). Run it with
     :func:`switchcit.serving.app.make_server`."""
     import httpx
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
     adapters = list(adapters)
+    max_prompt_tokens = max_prompt_tokens or getattr(switch.encoder.config, "max_position_embeddings", None)
+    tokenizer = copy.deepcopy(switch.tokenizer)  # requests tokenise on other threads than the switch's (see app.py)
+
+    def check_routing_text(text: str, param: str) -> None:
+        """What the switch will read, tokenised as it does: no longer than ``max_prompt_tokens``."""
+        tokens = len(prompt_tokens(tokenizer, text)[0])
+        if max_prompt_tokens is not None and tokens > max_prompt_tokens:
+            raise ApiError(400, f"the text the switch reads has {tokens} tokens, this gateway's limit is "
+                                f"{max_prompt_tokens}", param=param, code="context_length_exceeded")
 
     def route_batch(prompts: list[str]) -> list[str]:
-        return [task if task in adapters else BASE_MODEL_NAME for task in route(prompts)]
+        return [task if task in adapters else BASE_MODEL_NAME for task in switch.route(prompts)]
 
     batcher = Batcher(route_batch, max_batch_size=max_batch_size, batch_window_s=batch_window_ms / 1e3,
                       max_queue=max_queue, drain_timeout_s=drain_timeout_s)
@@ -79,10 +98,13 @@ def create_gateway(route: Callable[[list[str]], list[str | None]], adapters: Seq
     install_error_handlers(app)
 
     async def forward(request: Request, path: str, chat: bool) -> JSONResponse:
-        payload = await read_json(request)
+        payload = await read_json(request, max_body_bytes)
         body = parse_request(payload, chat)
         check_model(body.model, adapters, has_switch=True)
-        adapter = await batcher.submit(body.routing_text) if body.model == AUTO else body.model
+        adapter = body.model
+        if body.model == AUTO:
+            await asyncio.to_thread(check_routing_text, body.routing_text, "messages" if chat else "prompt")
+            adapter = await batcher.submit(body.routing_text)
         upstream_model = upstream_base_model if adapter == BASE_MODEL_NAME else adapter
         try:
             response = await request.app.state.client.post(path, json=payload | {"model": upstream_model})
@@ -175,6 +197,10 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="routing batch window (default 5)")
     p.add_argument("--max-queue", type=int, default=1024, help="prompts waiting beyond this get 429 (default 1024)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the upstream (default 600)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longer routing texts (a prompt, a chat's last user message) get 400 (default: the base "
+                        "model's positions)")
+    add_body_limit_argument(p)
     p.set_defaults(run=_route)
 
     p = subparsers.add_parser("export-vllm", help="copy a run's adapters for vLLM and print the vllm serve command")
@@ -193,9 +219,10 @@ def _route(args: argparse.Namespace) -> None:
     if run.switch is None:
         raise SystemExit(f"{args.run_dir} has no switch: the gateway has nothing to route with")
     switch = Switch.load(run.switch, encoder=run.base)  # features from the base model, as in `serve`
-    app = create_gateway(switch.route, list(run.adapters), args.upstream.rstrip("/"),
+    app = create_gateway(switch, list(run.adapters), args.upstream.rstrip("/"),
                          upstream_base_model=args.upstream_base_model, max_batch_size=args.max_batch_size,
-                         batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, timeout_s=args.timeout)
+                         batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, timeout_s=args.timeout,
+                         max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes)
     make_server(app, args.host, args.port).run()
 
 

@@ -111,7 +111,8 @@ def check_model(model: str, adapters: Sequence[str], has_switch: bool) -> None:
         raise ApiError(404, f"unknown model {quote(model)}: use {AUTO!r}, {BASE_MODEL_NAME!r} or an adapter "
                             f"{list(adapters)}", param="model", code="model_not_found")
     if model == AUTO and not has_switch:
-        raise ApiError(400, f"this run has no switch: name an adapter {list(adapters)} or {BASE_MODEL_NAME!r}", param="model")
+        raise ApiError(400, f"this run has no switch: name an adapter {list(adapters)} or {BASE_MODEL_NAME!r}",
+                       param="model")
 
 
 async def read_json(request: "Request", max_body_bytes: int = MAX_BODY_BYTES) -> Any:
