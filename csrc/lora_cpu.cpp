@@ -137,6 +137,7 @@ SWITCHCIT_INLINE void combine_block(D* const* dst, int64_t i0, int width, int co
 // once and added into all kRows destination rows, kWidth columns (a multiple of kLanes) at a time.
 template <int kRows, int kWidth = kLanes, typename D, typename Coef, typename Src>
 SWITCHCIT_MULTIVERSION void add_combination(D* const* dst, int64_t len, int count, Coef coef, Src src) {
+  if (count == 0) return;  // an empty sum; combine_block reads the first source row (none here: O = 0)
   int64_t i0 = 0;
   for (; i0 + kWidth <= len; i0 += kWidth) combine_block<kRows, kWidth>(dst, i0, kWidth, count, coef, src);
   for (; i0 < len; i0 += kLanes)

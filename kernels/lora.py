@@ -241,7 +241,8 @@ def _lora_weight_grad_kernel(
 
 
 def _k_per_split(reduction: int, config: LoraKernelConfig) -> int:
-    return triton.cdiv(triton.cdiv(reduction, config.split_k), config.block_k) * config.block_k
+    # At least one block: an empty reduction (H = 0, or O = 0 in the backward) is one split of zeros.
+    return max(1, triton.cdiv(triton.cdiv(reduction, config.split_k), config.block_k)) * config.block_k
 
 
 def shrink_partial_shape(

@@ -35,7 +35,7 @@ class Problem:
         from switchcit.ops.naive import lora_delta_reference
 
         scaling = self.scaling.double() if isinstance(self.scaling, torch.Tensor) else self.scaling
-        x = self.x.reshape(-1, self.x.shape[-1]).double()
+        x = self.x.flatten(0, -2).double()
         return lora_delta_reference(
             x, self.lora_a.double(), self.lora_b.double(), self.adapter_ids.reshape(-1), scaling, self.ranks
         )
@@ -86,10 +86,10 @@ def make_problem(
         ranks = ranks.to(device)
     return Problem(
         x=randn(tokens, hidden),
-        weight=randn(out_features, hidden, scale=hidden**-0.5),
+        weight=randn(out_features, hidden, scale=max(hidden, 1) ** -0.5),
         bias=randn(out_features),
-        lora_a=randn(num_adapters, max_rank, hidden, scale=hidden**-0.5),
-        lora_b=randn(num_adapters, out_features, max_rank, scale=max_rank**-0.5),
+        lora_a=randn(num_adapters, max_rank, hidden, scale=max(hidden, 1) ** -0.5),
+        lora_b=randn(num_adapters, out_features, max_rank, scale=max(max_rank, 1) ** -0.5),
         adapter_ids=adapter_ids.to(id_dtype).to(device),
         scaling=scaling,
         ranks=ranks,

@@ -6,7 +6,8 @@
 Shapes follow PEFT: ``x [..., H]``, ``weight [O, H]``, ``lora_a [N, R, H]``, ``lora_b [N, O, R]``,
 ``adapter_ids`` int32/int64 with one id per token of ``x`` (−1 = base model only) or a prebuilt
 :class:`~switchcit.ops.RoutingPlan`, ``scaling`` a float or ``[N]`` tensor, ``ranks`` an optional
-``[N]`` int tensor (adapter i uses its first ``ranks[i]`` rows of A and columns of B).
+``[N]`` int tensor (adapter i uses its first ``ranks[i]`` rows of A and columns of B). Any size may
+be 0 (T, H, O, N or R): the LoRA term is then an empty sum, zero, and so are its gradients.
 
 Every check runs before any kernel launch and raises ``TypeError``/``ValueError``. Checking the ids'
 values reads them on the host; pass a plan built once per forward (:func:`build_routing_plan`) to pay
@@ -20,6 +21,7 @@ any dtype and device), ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -117,8 +119,8 @@ def _prepare(x, lora_a, lora_b, adapter_ids, scaling, ranks, backend) -> _Call:
     _check_same("lora_a", lora_a, x)
     _check_same("lora_b", lora_b, x)
 
-    x2 = x.reshape(-1, hidden)
-    num_tokens = x2.shape[0]
+    num_tokens = math.prod(x.shape[:-1])
+    x2 = x.reshape(num_tokens, hidden)  # not reshape(-1, H): with H = 0 the -1 would be ambiguous
     routing = _check_routing(adapter_ids, x.shape[:-1], num_tokens, num_adapters, x.device)
     scale, scaling_tensor = _check_scaling(scaling, num_adapters, x.device)
     if ranks is not None:
@@ -145,7 +147,7 @@ def _add_lora(call: _Call, out: torch.Tensor) -> None:
     if torch.is_grad_enabled() and any(t.requires_grad for t in args[:3]):
         out.add_(_LoraDelta.apply(kernels, *args).view(out.shape))
         return
-    flat = _view_2d(out)
+    flat = _view_2d(out, call.x.shape[0])
     target = flat if flat is not None else out.new_zeros(call.x.shape[0], call.lora_b.shape[1])
     kernels.forward(target, *args, save=False)
     if flat is None:  # out's strides admit no [T, O] view: accumulate through a temporary
@@ -176,9 +178,9 @@ def _kernels(backend: str):
     return TritonKernels if backend == "triton" else CppKernels
 
 
-def _view_2d(t: torch.Tensor) -> torch.Tensor | None:
+def _view_2d(t: torch.Tensor, rows: int) -> torch.Tensor | None:
     try:
-        return t.view(-1, t.shape[-1])
+        return t.view(rows, t.shape[-1])
     except RuntimeError:
         return None
 

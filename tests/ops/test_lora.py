@@ -268,6 +268,28 @@ def test_no_routed_token_gives_zero_gradients(backend, routing, generator):
     assert x.grad is not None and torch.equal(x.grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", [(0, 6, 5, 3, 4), (7, 0, 5, 3, 4), (7, 6, 0, 3, 4), (7, 6, 5, 0, 4), (7, 6, 5, 3, 0)],
+                         ids=lambda dims: "T{}-H{}-O{}-N{}-R{}".format(*dims))
+def test_empty_dimensions(backend, dims, generator):
+    """A size 0 anywhere (T, H, O, N or R) is a valid call: the LoRA term is an empty sum, zero, and so are
+    its gradients; outputs keep their shapes."""
+    tokens, hidden, out_features, num_adapters, max_rank = dims
+    p = make_problem(generator, *dims, device=backend_device(backend, DEVICE))
+    out = poison(generator, tokens, out_features, device=p.x.device)
+    before = out.clone()
+    lora_delta(p.x, p.lora_a, p.lora_b, p.adapter_ids, p.scaling, out=out, ranks=p.ranks, backend=backend)
+    assert torch.equal(out, before)
+    got = lora_linear(p.x, p.weight, p.lora_a, p.lora_b, p.adapter_ids, p.scaling, bias=p.bias, ranks=p.ranks,
+                      backend=backend)
+    assert torch.equal(got, torch.nn.functional.linear(p.x, p.weight, p.bias))
+
+    leaves = [t.detach().requires_grad_() for t in (p.x, p.lora_a, p.lora_b)]
+    lora_delta(*leaves, p.adapter_ids, p.scaling, ranks=p.ranks, backend=backend).backward(out)
+    for name, leaf in zip(("x", "lora_a", "lora_b"), leaves):
+        assert leaf.grad is not None and torch.equal(leaf.grad, torch.zeros_like(leaf)), name
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input: a clear TypeError/ValueError before any kernel launch, and ``out`` left as it was
 
