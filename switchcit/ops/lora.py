@@ -73,8 +73,8 @@ def lora_delta(
     ranks: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Add the routed LoRA term into ``out [..., O]`` in place and return it; without ``out``,
-    return the term alone (zero rows for base-only tokens)."""
+    """Add the routed LoRA term into ``out [..., O]`` (any strides, no two elements sharing memory) in
+    place and return it; without ``out``, return the term alone (zero rows for base-only tokens)."""
     call = _prepare(x, lora_a, lora_b, adapter_ids, scaling, ranks, backend)
     if out is None:
         out = x.new_zeros(*x.shape[:-1], call.lora_b.shape[1])
@@ -84,6 +84,11 @@ def lora_delta(
         if tuple(out.shape) != expected:
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {expected}")
         _check_same("out", out, x)
+        if _may_overlap(out):
+            raise ValueError(
+                f"out has elements that share memory (shape {tuple(out.shape)}, strides {out.stride()}), so "
+                "adding into it would write them more than once; pass a tensor without overlap (out.clone())"
+            )
     _add_lora(call, out)
     return out
 
@@ -183,6 +188,19 @@ def _view_2d(t: torch.Tensor, rows: int) -> torch.Tensor | None:
         return t.view(rows, t.shape[-1])
     except RuntimeError:
         return None
+
+
+def _may_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory: unless each stride, in increasing order, steps
+    past all that the smaller ones span (true of every dense or sliced layout, in any dimension order)."""
+    if t.numel() == 0:
+        return False
+    span = 0
+    for stride, size in sorted((abs(stride), size) for stride, size in zip(t.stride(), t.shape) if size > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
 
 
 def _hidden(x: torch.Tensor) -> int:

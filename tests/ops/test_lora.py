@@ -393,6 +393,28 @@ def test_out_mismatch_rejected(backend, generator, no_launch):
                    backend=backend)
 
 
+# [10, 12] outs whose elements share memory, made from a random buffer: (storage size, shape, strides).
+OVERLAPPING_OUTS = {
+    "rows share memory": (12, (10, 12), (0, 1)),  # an expanded row
+    "rows overlap": (21, (10, 12), (1, 1)),
+    "leading dims overlap": (60, (2, 5, 12), (0, 12, 1)),
+}
+
+
+@pytest.mark.parametrize("layout", list(OVERLAPPING_OUTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overlapping_out_rejected(backend, layout, generator, no_launch):
+    p = good(generator, backend)
+    size, shape, strides = OVERLAPPING_OUTS[layout]
+    storage = poison(generator, size, device=p.x.device)
+    before = storage.clone()
+    x = p.x.reshape(*shape[:-1], 16)
+    ids = p.adapter_ids.reshape(shape[:-1])
+    with pytest.raises(ValueError, match="out has elements that share memory"):
+        lora_delta(x, p.lora_a, p.lora_b, ids, p.scaling, out=storage.as_strided(shape, strides), backend=backend)
+    assert torch.equal(storage, before), "a rejected call must not touch out"
+
+
 def test_triton_rejects_float64_and_cpu_without_interpreter(generator, monkeypatch, no_launch):
     p = make_problem(generator, 4, 8, 8, 2, 2, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
