@@ -47,9 +47,12 @@ def test_hugging_face_dataset_with_field_mapping(tmp_path):
 ])
 def test_bad_tasks_raise_clear_errors(tmp_path, case, message):
     folder = tmp_path / "task"
-    write_jsonl(folder / "train.jsonl", [] if case == "empty" else ROWS[:2] + ([{"question": "?"}] if case == "missing key" else []))
+    rows = [] if case == "empty" else ROWS[:2] + ([{"question": "?"}] if case == "missing key" else [])
+    write_jsonl(folder / "train.jsonl", rows)
     fields = {"answer": "x"} if case == "unknown field" else MAPPING
-    source, split = (tmp_path / "nowhere", "train") if case == "missing folder" else (folder, "test" if case == "missing split" else "train")
+    source, split = (folder, "test" if case == "missing split" else "train")
+    if case == "missing folder":
+        source = tmp_path / "nowhere"
     with pytest.raises((FileNotFoundError, ValueError), match=message):
         load_task(source, split, fields)
 
@@ -62,3 +65,42 @@ def test_retained_samples_are_nested_and_never_empty():
     assert len(retained_sample(items, 0.00001)) == 1
     with pytest.raises(ValueError, match="fraction"):
         retained_sample(items, 0)
+
+
+GOOD = {"prompt": "Is 2 even?", "target": "Yes"}
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "x", "target": ', r"train\.jsonl:4: malformed JSON: Expecting value"),
+    ('"just a string"', r"train\.jsonl:4: a row must be a JSON object, got str"),
+    ("42", r"train\.jsonl:4: a row must be a JSON object, got int"),
+    ('["a", "b"]', r"train\.jsonl:4: a row must be a JSON object, got list"),
+    ('{"prompt": null, "target": "x"}', r"train\.jsonl:4: 'prompt' must be a string, got null"),
+    ('{"prompt": "x", "target": 3}', r"train\.jsonl:4: 'target' must be a string, got 3"),
+    ('{"prompt": "x", "target": "y", "references": "abc"}', r"train\.jsonl:4: 'references' must be a list of str"),
+    ('{"prompt": "x", "target": "y", "references": ["a", 1]}', r"train\.jsonl:4: 'references' must be a list of str"),
+    ('{"prompt": "x", "target": "y", "label": true}', r"train\.jsonl:4: 'label' must be a string, got true"),
+    ('{"prompt": "x", "target": "y", "source": ["s"]}', r"train\.jsonl:4: 'source' must be a string"),
+    ('{"prompt": "a \\ud800 b", "target": "y"}', r"train\.jsonl:4: 'prompt' is no valid Unicode"),
+    ('{"prompt": "x"}', r"train\.jsonl:4: has no 'target' field"),
+])
+def test_every_row_is_checked_and_errors_name_file_and_line(tmp_path, line, message):
+    folder = tmp_path / "task"
+    write_jsonl(folder / "train.jsonl", [GOOD] * 3)
+    with (folder / "train.jsonl").open("a") as file:
+        file.write(line + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_task(folder, "train")
+
+
+def test_bytes_that_are_no_utf8_are_reported_with_their_line(tmp_path):
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "train.jsonl").write_bytes(json.dumps(GOOD).encode() + b'\n{"prompt": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"train\.jsonl:2: not UTF-8 text"):
+        load_task(tmp_path / "task", "train")
+
+
+def test_references_default_to_the_target_and_keep_a_list_of_strings(tmp_path):
+    write_jsonl(tmp_path / "task" / "train.jsonl", [GOOD, GOOD | {"references": ["Yes", "Yes."]},
+                                                    GOOD | {"references": None}])
+    assert [e.references for e in load_task(tmp_path / "task", "train")] == [["Yes"], ["Yes", "Yes."], ["Yes"]]

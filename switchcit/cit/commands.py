@@ -9,7 +9,9 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from switchcit.cit.config import TrainConfig, add_config_arguments, config_from_args
 from switchcit.cit.methods import __doc__ as METHODS_DOC
@@ -40,13 +42,19 @@ def _train(args: argparse.Namespace) -> None:
         config = config_from_args(args)
         config.validate()
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"switchcit train: {err}") from None
+        _exit("train", err)
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         log_to(Path(args.out) / "train.log")
     results = train(config)
     if main_process:
         print_summary(results, Path(args.out))
+
+
+def _exit(command: str, error: Exception) -> NoReturn:
+    """A bad command line or input: one line on stderr and exit code 2 (argparse's), no traceback."""
+    print(f"switchcit {command}: " + " ".join(str(error).splitlines()), file=sys.stderr)
+    raise SystemExit(2)
 
 
 def reevaluate(run_dir: str | Path, predictions: str | Path | None = None) -> dict[str, dict[str, float]]:
@@ -61,7 +69,7 @@ def reevaluate(run_dir: str | Path, predictions: str | Path | None = None) -> di
         config = TrainConfig.load(run_dir)
         config.validate()
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"switchcit eval: {err}") from None
+        _exit("eval", err)
     trainer = Trainer(config)
     final, records = {}, []
     for method in config.methods:

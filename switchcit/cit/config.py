@@ -11,6 +11,10 @@ from pathlib import Path
 from switchcit.cit.checkpoint import CONFIG_FILE, write_json_atomic
 from switchcit.cit.data import load_task, task_name
 from switchcit.cit.methods import METHODS
+from switchcit.serving.openai import AUTO, BASE_MODEL_NAME
+
+# A task's name names its adapter: neither a method's own adapter nor a model name the server reserves.
+RESERVED_TASK_NAMES = (*METHODS, AUTO, BASE_MODEL_NAME)
 
 __all__ = ["TrainConfig", "add_config_arguments", "config_from_args"]
 
@@ -48,7 +52,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Fail fast, before any model is loaded: unknown methods, bad numbers, missing or empty task
-        folders, unknown field names, a switch layer the base model does not have."""
+        folders, task names that cannot name an adapter, unknown field names, any bad row of any data
+        file (``FILE:LINE: what is wrong``), a switch layer the base model does not have."""
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -69,9 +74,11 @@ class TrainConfig:
         names = self.task_names
         if len(set(names)) != len(names):
             raise ValueError(f"task folder names must differ (they name the adapters): {names}")
+        for name, folder in zip(names, self.tasks):
+            _check_task_name(name, folder)
         for folder in self.tasks:
             for split in ("train", "test"):
-                load_task(folder, split, self.fields, limit=1)  # raises a clear error on a bad folder
+                load_task(folder, split, self.fields)  # every row: none may fail after the model loaded
 
     @property
     def task_names(self) -> list[str]:
@@ -86,6 +93,22 @@ class TrainConfig:
         if not path.is_file():
             raise FileNotFoundError(f"{run_dir} is not a run folder: {CONFIG_FILE} is missing")
         return cls(**json.loads(path.read_text()))
+
+
+def _check_task_name(name: str, folder: str) -> None:
+    """``name`` must be a name PEFT can give an adapter's modules and parameters (torch's rules: no
+    ".", not empty, no attribute of ``ModuleDict`` or ``ParameterDict`` such as ``train``) and no
+    reserved name."""
+    from torch import nn
+
+    problem = f"{name!r} is reserved ({', '.join(RESERVED_TASK_NAMES)})" if name in RESERVED_TASK_NAMES else None
+    try:
+        for container in (nn.ModuleDict(), nn.ParameterDict()):
+            container.add_module(name, None)
+    except KeyError as err:
+        problem = err.args[0]
+    if problem:
+        raise ValueError(f"task name {name!r} (from {folder}) can't name an adapter: {problem}; rename the folder")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,9 +2,10 @@
 (``hf:NAME[:CONFIG]``), retained samples, and real offline
 dialogues from ``chatterbot-corpus`` (an unseen task for the switch, or a default task stream).
 
-One example per JSONL line with at least ``prompt`` and ``target``; ``references`` (all reference
-outputs), ``source`` (simplification: the original sentence) and ``label`` (Yes/No tasks) are used by
-the metrics when present. ``fields`` maps these names onto other datasets' column names.
+One example per JSONL line (a JSON object) with at least ``prompt`` and ``target`` (strings);
+``references`` (all reference outputs, a list of strings; default: the target), ``source``
+(simplification: the original sentence) and ``label`` (Yes/No tasks) are used by the metrics when
+present (strings, or null). ``fields`` maps these names onto other datasets' column names.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def load_task(source: str | Path, split: str = "train", fields: Mapping[str, str
     """The examples of a task: ``<folder>/<split>.jsonl``, or ``hf:NAME[:CONFIG]``, a Hugging Face
     dataset (a hub name or a local dataset folder; needs ``datasets``). ``fields`` maps our names
     (prompt, target, references, source, label) to the data's keys. Clear errors for a missing folder
-    or file, an empty task, an unknown field name, or a row missing a needed key."""
+    or file, an empty task, an unknown field name, and ``FILE:LINE: what is wrong`` (ValueError) for a
+    row that is no UTF-8, no JSON or no object, lacks a needed key or has a value of the wrong type."""
     fields = dict(fields or {})
     unknown = set(fields) - set(FIELDS)
     if unknown:
@@ -52,16 +54,7 @@ def load_task(source: str | Path, split: str = "train", fields: Mapping[str, str
     name = task_name(source)
     examples = []
     for where, row in _rows(source, split):
-        missing = [key[n] for n in ("prompt", "target") if key[n] not in row]
-        if missing:
-            raise ValueError(f"{where} has no {' or '.join(map(repr, missing))} field")
-        target = str(row[key["target"]])
-        references = row.get(key["references"])
-        examples.append(Example(
-            task=name, prompt=str(row[key["prompt"]]), target=target,
-            references=[str(r) for r in references] if references else [target],
-            source=row.get(key["source"]), label=row.get(key["label"]),
-        ))
+        examples.append(_example(name, where, row, key))
         if limit is not None and len(examples) >= limit:
             break
     if not examples:
@@ -69,7 +62,49 @@ def load_task(source: str | Path, split: str = "train", fields: Mapping[str, str
     return examples
 
 
-def _rows(source: str | Path, split: str) -> Iterator[tuple[str, dict]]:
+def _example(task: str, where: str, row, key: Mapping[str, str]) -> Example:
+    """``row`` as an example, its types checked (``str(None)`` would train on the text "None", and a
+    string's characters would become its references)."""
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    missing = [key[n] for n in ("prompt", "target") if key[n] not in row]
+    if missing:
+        raise ValueError(f"{where}: has no {' or '.join(map(repr, missing))} field")
+
+    def text(name: str, optional: bool = False) -> str | None:
+        value = row.get(key[name])
+        if value is None and optional:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: {key[name]!r} must be a string, got {_short(value)}")
+        if not _is_text(value):
+            raise ValueError(f"{where}: {key[name]!r} is no valid Unicode (a lone surrogate): {_short(value)}")
+        return value
+
+    target, references = text("target"), row.get(key["references"])
+    if references is not None and not (isinstance(references, list)
+                                       and all(isinstance(r, str) and _is_text(r) for r in references)):
+        raise ValueError(f"{where}: {key['references']!r} must be a list of strings, got {_short(references)}")
+    return Example(task=task, prompt=text("prompt"), target=target, references=references or [target],
+                   source=text("source", optional=True), label=text("label", optional=True))
+
+
+def _short(value) -> str:
+    """A value as JSON, cut short: an error quotes a prefix of what it rejects."""
+    quoted = json.dumps(value, default=str)
+    return quoted if len(quoted) <= 40 else quoted[:40] + "…"
+
+
+def _is_text(value: str) -> bool:
+    """JSON's escapes can spell lone surrogates, which the tokenizer refuses."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _rows(source: str | Path, split: str) -> Iterator[tuple[str, object]]:
     """``(where, row)`` for each example of a JSONL task folder or a Hugging Face dataset."""
     if str(source).startswith(HF_PREFIX):
         try:
@@ -90,10 +125,22 @@ def _rows(source: str | Path, split: str) -> Iterator[tuple[str, dict]]:
     path = folder / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"task folder {folder} has no {split}.jsonl")
-    with path.open() as lines:
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                yield f"{path}:{number}", json.loads(line)
+    with path.open("rb") as lines:  # bytes: a line that is no UTF-8 is reported with its number
+        for number, raw in enumerate(lines, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode()
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
+            except (ValueError, RecursionError) as err:  # an integer of too many digits, too deep a nesting
+                raise ValueError(f"{where}: malformed JSON: {str(err)[:100]}") from None
+            yield where, row
 
 
 def retained_sample(items: Sequence, fraction: float, seed: int = 0) -> list:
