@@ -15,7 +15,7 @@ one partial tile); tiles past the real count are marked −1 and their programs 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import InitVar, dataclass, replace
 
 import torch
 
@@ -31,6 +31,10 @@ def default_block_m(num_tokens: int) -> int:
 
 @dataclass(frozen=True)
 class RoutingPlan:
+    """Build it with :func:`build_routing_plan`. A plan made any other way (by hand, ``dataclasses.replace``)
+    is checked against its tensors: shapes, dtypes and device always, and, where its values may be read
+    (:func:`may_read_values`; on CUDA that syncs once), that it is the plan of its ``token_adapter``."""
+
     num_tokens: int
     num_adapters: int
     block_m: int
@@ -39,6 +43,14 @@ class RoutingPlan:
     adapter_offsets: torch.Tensor  # int32 [N + 2]
     tile_adapter: torch.Tensor | None  # int32 [max_tiles], −1 = idle tile (None: not built)
     tile_start: torch.Tensor | None  # int32 [max_tiles], first sorted row of the tile
+    # Set by build_routing_plan, whose plans are right by construction: checking their values again
+    # would read them on the host in every forward.
+    _built: InitVar[bool] = False
+
+    def __post_init__(self, _built: bool) -> None:
+        _check_plan_tensors(self)
+        if not _built:
+            _check_plan_values(self)
 
     @property
     def device(self) -> torch.device:
@@ -49,7 +61,7 @@ class RoutingPlan:
         if self.tile_adapter is not None:
             return self
         tile_adapter, tile_start = _tile_schedule(self.adapter_offsets, self.num_tokens, self.num_adapters, self.block_m)
-        return replace(self, tile_adapter=tile_adapter, tile_start=tile_start)
+        return replace(self, tile_adapter=tile_adapter, tile_start=tile_start, _built=True)  # self was checked
 
     def adapter_counts(self) -> torch.Tensor:
         """Tokens per adapter, ``[N]`` (on the plan's device; no sync)."""
@@ -72,6 +84,45 @@ def check_adapter_ids(adapter_ids: torch.Tensor, num_adapters: int) -> None:
             f"adapter id {bad} is outside [-1, {num_adapters}) for a bank of {num_adapters} adapters "
             "(-1 means base model only)"
         )
+
+
+def _check_plan_tensors(plan: RoutingPlan) -> None:
+    """Shapes, dtypes and device of the plan's tensors against its sizes (no host read of values)."""
+    _check_block_m(plan.block_m)
+    if (plan.tile_adapter is None) != (plan.tile_start is None):
+        raise ValueError("tile_adapter and tile_start come together: both tensors, or both None")
+    tokens, adapters = plan.num_tokens, plan.num_adapters
+    expected = {"token_adapter": ((tokens,), (torch.int32, torch.int64)), "sorted_token_ids": ((tokens,), (torch.int32,)),
+                "adapter_offsets": ((adapters + 2,), (torch.int32,))}
+    if plan.tile_adapter is not None:
+        tiles = (_max_tiles(tokens, adapters, plan.block_m),)
+        expected.update(tile_adapter=(tiles, (torch.int32,)), tile_start=(tiles, (torch.int32,)))
+    for name, (shape, dtypes) in expected.items():
+        t = getattr(plan, name)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"routing plan for {tokens} tokens, {adapters} adapters and block_m {plan.block_m}: "
+                f"{name} has shape {tuple(t.shape)}, expected {shape}"
+            )
+        if t.device != plan.token_adapter.device:
+            raise ValueError(f"{name} is on {t.device} but token_adapter is on {plan.token_adapter.device}")
+
+
+def _check_plan_values(plan: RoutingPlan) -> None:
+    """A plan not made by build_routing_plan must be the one it makes of the same ids."""
+    if not may_read_values(plan.token_adapter):
+        return
+    rebuilt = build_routing_plan(plan.token_adapter, plan.num_adapters, block_m=plan.block_m, validate=False,
+                                 tiles=plan.tile_adapter is not None)
+    for name in ("sorted_token_ids", "adapter_offsets", "tile_adapter", "tile_start"):
+        if getattr(plan, name) is not None and not torch.equal(getattr(plan, name), getattr(rebuilt, name)):
+            raise ValueError(
+                f"the routing plan's {name} is not the plan of its token_adapter; build plans with build_routing_plan"
+            )
 
 
 def may_read_values(t: torch.Tensor) -> bool:
@@ -100,8 +151,7 @@ def build_routing_plan(
     num_tokens = ids.numel()
     if block_m is None:
         block_m = default_block_m(num_tokens)
-    if block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+    _check_block_m(block_m)
 
     if ids.device.type == "cpu" and _C is not None and not torch.compiler.is_compiling():
         sorted_ids, offsets = _C.sort_tokens_by_adapter(ids.numpy(), num_adapters)
@@ -118,8 +168,19 @@ def build_routing_plan(
         adapter_offsets=adapter_offsets,
         tile_adapter=None,
         tile_start=None,
+        _built=True,
     )
     return plan.with_tiles() if (ids.is_cuda if tiles is None else tiles) else plan
+
+
+def _check_block_m(block_m: int) -> None:
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+
+
+def _max_tiles(num_tokens: int, num_adapters: int, block_m: int) -> int:
+    """Tiles of the schedule: each adapter adds at most one partial tile to ceil(T / block_m)."""
+    return -(-num_tokens // block_m) + min(num_adapters, num_tokens)
 
 
 def _sort_tokens_by_adapter(ids: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,8 +203,7 @@ def _tile_schedule(
     tile_end = torch.cumsum(tiles_per_adapter, 0)
     tile_begin = torch.cat([tile_end.new_zeros(1), tile_end])  # [N + 1]; index N is never valid
 
-    max_tiles = -(-num_tokens // block_m) + min(num_adapters, num_tokens)
-    tile = torch.arange(max_tiles, device=device)
+    tile = torch.arange(_max_tiles(num_tokens, num_adapters, block_m), device=device)
     adapter = torch.searchsorted(tile_end, tile, right=True)  # N for tiles past the last one
     idle = adapter >= num_adapters
     adapter = torch.where(idle, 0, adapter)

@@ -348,6 +348,8 @@ BAD_INPUTS = {
     "integer x": (TypeError, "floating-point", lambda p: replace(p, x=p.x.long())),
     "plan for other T": (ValueError, "routing plan is for 9 tokens",
                          lambda p: replace(p, adapter_ids=build_routing_plan(p.adapter_ids[:9], 3))),
+    "plan for other N": (ValueError, "routing plan is for 10 tokens and 4 adapters",
+                         lambda p: replace(p, adapter_ids=build_routing_plan(p.adapter_ids, 4))),
 }
 
 

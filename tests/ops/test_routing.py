@@ -1,10 +1,13 @@
-"""The routing plan: C++ counting sort vs the device path, and the tile schedule's invariants."""
+"""The routing plan: C++ counting sort vs the device path, the tile schedule's invariants, and plans
+checked against their tensors."""
+import dataclasses
+
 import pytest
 import torch
 from conftest import DEVICE
 
 from switchcit.ops import routing
-from switchcit.ops.routing import build_routing_plan
+from switchcit.ops.routing import RoutingPlan, build_routing_plan
 
 
 def sort_with_torch(ids, num_adapters):
@@ -104,3 +107,54 @@ def test_tiles_are_built_on_demand(generator):
     eager = build_routing_plan(ids, 5, tiles=True)
     assert torch.equal(tiled.tile_adapter, eager.tile_adapter) and torch.equal(tiled.tile_start, eager.tile_start)
     assert tiled.with_tiles() is tiled
+
+
+def other_plan(plan: RoutingPlan) -> RoutingPlan:
+    """A plan of the same sizes for other ids: adapter 0's tokens moved to adapter 1 (so every tensor differs)."""
+    ids = torch.where(plan.token_adapter == 0, 1, plan.token_adapter)
+    return build_routing_plan(ids, plan.num_adapters, block_m=plan.block_m, tiles=True)
+
+
+# Changes to a good plan (40 tokens, 5 adapters, 16-row tiles) that make a field disagree with a tensor.
+BAD_PLANS = {
+    "num_tokens": (r"token_adapter has shape \(40,\), expected \(41,\)", lambda plan: dict(num_tokens=41)),
+    "num_adapters": (r"adapter_offsets has shape \(7,\), expected \(8,\)", lambda plan: dict(num_adapters=6)),
+    "block_m": ("block_m must be a power of two", lambda plan: dict(block_m=24)),
+    "tiles of other block_m": (r"tile_adapter has shape \(8,\), expected \(7,\)", lambda plan: dict(block_m=32)),
+    "float ids": ("token_adapter must be int32 or int64", lambda plan: dict(token_adapter=plan.token_adapter.float())),
+    "int64 sorted ids": ("sorted_token_ids must be int32",
+                         lambda plan: dict(sorted_token_ids=plan.sorted_token_ids.long())),
+    "2-D offsets": (r"adapter_offsets has shape \(1, 7\)",
+                    lambda plan: dict(adapter_offsets=plan.adapter_offsets[None])),
+    "one tile tensor": ("tile_adapter and tile_start", lambda plan: dict(tile_start=None)),
+    "other device": ("sorted_token_ids is on meta", lambda plan: dict(sorted_token_ids=plan.sorted_token_ids.to("meta"))),
+    "sorted ids of other ids": ("not the plan of its token_adapter",
+                                lambda plan: dict(sorted_token_ids=plan.sorted_token_ids.flip(0))),
+    "offsets of other ids": ("not the plan of its token_adapter",
+                             lambda plan: dict(adapter_offsets=other_plan(plan).adapter_offsets)),
+    "tiles of other ids": ("not the plan of its token_adapter",
+                           lambda plan: dict(tile_adapter=other_plan(plan).tile_adapter)),
+    "ids of another plan": ("not the plan of its token_adapter",
+                            lambda plan: dict(token_adapter=other_plan(plan).token_adapter)),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_PLANS))
+def test_plan_fields_checked_against_its_tensors(name, generator):
+    message, change = BAD_PLANS[name]
+    ids = random_ids(generator, 40, 5)
+    ids[:5] = torch.arange(5)  # adapter 0 has tokens, so other_plan differs in every tensor
+    plan = build_routing_plan(ids.to(DEVICE), 5, block_m=16, tiles=True)
+    with pytest.raises((ValueError, TypeError), match=message):
+        dataclasses.replace(plan, **change(plan))
+    fields = {field.name: getattr(plan, field.name) for field in dataclasses.fields(plan)}
+    with pytest.raises((ValueError, TypeError), match=message):
+        RoutingPlan(**{**fields, **change(plan)})
+
+
+def test_hand_built_plan_equal_to_the_built_one_is_accepted(generator):
+    plan = build_routing_plan(random_ids(generator, 40, 5).to(DEVICE), 5, tiles=True)
+    fields = {field.name: getattr(plan, field.name).clone() if isinstance(getattr(plan, field.name), torch.Tensor)
+              else getattr(plan, field.name) for field in dataclasses.fields(plan)}
+    copy = RoutingPlan(**fields)
+    assert torch.equal(copy.sorted_token_ids, plan.sorted_token_ids)
