@@ -39,6 +39,33 @@ def collect_prompts(data: Path, test_per_task: int, seed: int) -> tuple[dict[str
     return retained, test
 
 
+def encode_parts(prompts: dict[str, list[str]], encoder, tokenizer, layers: list[int],
+                 cache: Path | None) -> dict[int, dict[str, torch.Tensor]]:
+    """``{layer: {task: [n, D]}}`` from one ``encode_layers`` pass over every prompt; with ``cache``, kept
+    in a safetensors file named by a hash of the prompts and layers (refitting the switches is then quick)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    flat = [p for task in prompts for p in prompts[task]]
+    key = hashlib.sha256(json.dumps([flat, layers, Path(encoder.config._name_or_path).name]).encode()).hexdigest()[:16]
+    path = None if cache is None else cache / f"features-{key}.safetensors"
+    if path is not None and path.is_file():
+        pooled = {int(k): v for k, v in load_file(str(path)).items()}
+    else:
+        pooled = encode_layers(flat, encoder, tokenizer, layers)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({str(k): v.contiguous() for k, v in pooled.items()}, str(path))
+    parts = {}
+    for layer, rows in pooled.items():
+        parts[layer], start = {}, 0
+        for task, task_prompts in prompts.items():
+            parts[layer][task] = rows[start : start + len(task_prompts)]
+            start += len(task_prompts)
+    return parts
+
+
 def fit_switch(features: dict[int, dict[str, torch.Tensor]], layer: int, count: dict[str, int], seed: int) -> Switch:
     """``Switch.train`` after its encoder pass: ``Switch.fit`` on the first ``count[task]`` retained prompts."""
     rows = [features[layer][t][: count[t]] for t in TASKS]
@@ -59,6 +86,7 @@ def main() -> None:
     parser.add_argument("--layers", default="0,2,4,8,15,29", help="switch layers K, comma-separated")
     parser.add_argument("--test-per-task", type=int, default=250, help="test prompts per task (0: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=None, help="keep the encoded features here (re-runs refit only)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="switch-accuracy")
     args = parser.parse_args()
@@ -72,16 +100,8 @@ def main() -> None:
     retained, test = collect_prompts(args.data, args.test_per_task, args.seed)
 
     started = time.perf_counter()
-    features = {}  # {"retained"|"test": {layer: {task: [n, D]}}}
-    for part, prompts in (("retained", retained), ("test", test)):
-        flat = [p for task in prompts for p in prompts[task]]
-        pooled = encode_layers(flat, encoder, tokenizer, layers)
-        features[part] = {}
-        for layer, rows in pooled.items():
-            features[part][layer], start = {}, 0
-            for task, task_prompts in prompts.items():
-                features[part][layer][task] = rows[start : start + len(task_prompts)]
-                start += len(task_prompts)
+    features = {"retained": encode_parts(retained, encoder, tokenizer, layers, args.cache),
+                "test": encode_parts(test, encoder, tokenizer, layers, args.cache)}
     encode_seconds = time.perf_counter() - started
 
     rows = []
@@ -105,7 +125,7 @@ def main() -> None:
         "encoder": Path(args.encoder).name, "test_prompts": {t: len(p) for t, p in test.items()},
         "encode_seconds": round(encode_seconds, 1),
         "command": "python benchmarks/bench_switch_accuracy.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "name", "encoder")),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "name", "encoder", "cache")),
     }
     header = ["retention", "retained/task", "K", "right %", "unseen → base %", *TASKS, "epochs"]
     table = [[f"{r['retention']:.2%}", str(min(r["retained_per_task"].values())) + "–" + str(max(r["retained_per_task"].values())),

@@ -14,7 +14,7 @@ owns the whole path.
   ``switchcit.serving`` (the OpenAI-compatible server and the vLLM gateway)
 """
 from switchcit import ops
-from switchcit.adapters import load_adapters, route, routing_context, save_adapter
+from switchcit.adapters import load_adapters, routing_context, save_adapter, set_adapters
 from switchcit.modules import NO_ADAPTER, MultiLoraLinear, RoutingContext
 from switchcit.ops import RoutingPlan, build_routing_plan, lora_delta, lora_linear, switch_route
 from switchcit.peft_patch import accelerate, restore
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ops", "lora_delta", "lora_linear", "RoutingPlan", "build_routing_plan", "switch_route",
     "NO_ADAPTER", "MultiLoraLinear", "RoutingContext",
-    "accelerate", "restore", "route", "routing_context", "load_adapters", "save_adapter",
+    "accelerate", "restore", "set_adapters", "routing_context", "load_adapters", "save_adapter",
     "Switch", "SwitchModel",
     "__version__",
 ]

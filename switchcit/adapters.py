@@ -2,7 +2,7 @@
 never unpickled), without PEFT at run time:
 
 * :func:`load_adapters` / :func:`save_adapter`: PEFT folders ↔ :class:`MultiLoraLinear` layers;
-* :func:`routing_context`: the model's :class:`RoutingContext`; :func:`route`: one adapter per sequence
+* :func:`routing_context`: the model's :class:`RoutingContext`; :func:`set_adapters`: one adapter per sequence
   for hand-written loops (the pipeline, :mod:`switchcit.pipeline`, does it for you).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from switchcit.modules import MultiLoraLinear, RoutingContext, attach_context
 from switchcit.peft_patch import CONTEXT_ATTR
 
-__all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "adapter_layers", "load_adapters", "route", "routing_context", "save_adapter"]
+__all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "adapter_layers", "load_adapters", "routing_context", "save_adapter", "set_adapters"]
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -38,7 +38,7 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, str | Path]) -> nn.Mo
 
     Each targeted linear layer becomes a :class:`MultiLoraLinear` (once) sharing the model's
     :class:`RoutingContext` (``switchcit.routing_context(model)``); route with
-    ``switchcit.route(model, ["task", None, ...])`` — one adapter per sequence — before a forward or
+    ``switchcit.set_adapters(model, ["task", None, ...])`` — one adapter per sequence — before a forward or
     ``generate``. Returns ``model``.
     """
     from safetensors.torch import load_file
@@ -157,7 +157,7 @@ def _bank_layer(model: nn.Module, path: str, context: RoutingContext) -> MultiLo
     return layer
 
 
-def route(model: nn.Module, adapters: Sequence[str | None] | torch.Tensor | None) -> None:
+def set_adapters(model: nn.Module, adapters: Sequence[str | None] | torch.Tensor | None) -> None:
     """One adapter per sequence for the next forwards of ``model``: names (``None``: the base model), an
     id tensor (−1: the base model), or ``None`` for none assigned."""
     context = routing_context(model)

@@ -5,7 +5,7 @@ A model holds one :class:`RoutingContext`. Inside the library an adapter is an i
 written by one owner before the layers run, and layers only read ``context.plan``:
 
 * :meth:`RoutingContext.assign` sets one adapter id per sequence for the following forwards (the
-  pipeline does it once per ``generate``; ``switchcit.route`` for hand-written loops);
+  pipeline does it once per ``generate``; ``switchcit.set_adapters`` for hand-written loops);
 * :meth:`RoutingContext.begin_forward` turns that into the forward's :class:`RoutingPlan` — called
   by a pre-hook on the model's input embeddings, so it runs once per forward, before any layer;
 * :meth:`RoutingContext.route_tokens` replaces the plan in the middle of a forward: the switch reads

@@ -4,7 +4,7 @@ per layer instead of PEFT's loop over adapters. Instance-level, idempotent, reve
 stay ``LoraLayer`` instances (PEFT hands ``adapter_names`` only to those).
 
 Routing: when the model's :class:`~switchcit.modules.RoutingContext` has adapters assigned (the
-pipeline, ``switchcit.route``), layers read its plan like bank layers do. Otherwise PEFT's own routing
+pipeline, ``switchcit.set_adapters``), layers read its plan like bank layers do. Otherwise PEFT's own routing
 applies — ``adapter_names=[...]`` (``"__base__"``: none) or the active adapter — converted to ids here,
 the PEFT edge, once per forward for all layers.
 """

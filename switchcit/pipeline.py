@@ -69,11 +69,13 @@ class SwitchModel:
         """Base model folder + PEFT adapter folders ``{"task": path}`` + an optional saved switch (whose
         encoder becomes the base model itself). ``switch_layer``: the layer the run's adapters start at
         (checked against the switch and the adapters before the model loads)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from switchcit.adapters import adapter_layers, load_adapters
 
         loaded = Switch.load(switch) if switch is not None else None
+        if loaded is not None:
+            loaded.check_model(AutoConfig.from_pretrained(base))  # before the weights load
         if loaded is not None and switch_layer is not None and loaded.layer != switch_layer:
             raise ValueError(f"the run's switch reads layer {loaded.layer}, its adapters start at layer {switch_layer}")
         for task, folder in adapters.items():
@@ -210,18 +212,19 @@ class SwitchModel:
             self._require_switch()
             if not self.one_pass:  # adapters below the switch layer: route first, then the routed forward
                 explicit = torch.where(routed, self.route_ids(input_ids, attention_mask, content), explicit)
-                routed = torch.zeros_like(routed)
-        self.context.assign(explicit)
-        if routed.any():
-            self._routing = {"content": content, "routed": routed, "explicit": explicit}
-        limits = torch.tensor(list(max_new_tokens), device=device)
-        stops = torch.tensor(list(stop_ids), device=device)
-        try:
-            tokens = self._decode(input_ids, attention_mask, limits, stops)
-        finally:
-            self._routing = None
+        else:
+            routed = None
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.network.config)
+        logits = self.routed_forward(input_ids, attention_mask, content, explicit, routed if self.one_pass else None,
+                                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         used = self.context.sequence_ids.to(torch.int32)
-        self.context.assign(None)
+        try:
+            tokens = self._decode(logits[:, -1], attention_mask, cache, torch.tensor(list(max_new_tokens), device=device),
+                                  torch.tensor(list(stop_ids), device=device))
+        finally:
+            self.context.assign(None)
         new_tokens = []
         for row, limit in zip(tokens.tolist(), max_new_tokens):
             row = row[:limit]
@@ -229,28 +232,38 @@ class SwitchModel:
             new_tokens.append(row[:end])
         return new_tokens, used
 
-    def _decode(self, input_ids, attention_mask, limits, stops) -> torch.Tensor:
-        """Greedy decoding with a KV cache until every sequence hit a stop token or its limit."""
-        from transformers import DynamicCache
+    def routed_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, content: torch.Tensor,
+                       adapter_ids: torch.Tensor, routed: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
+        """The logits of one forward over a left-padded batch, routed: ``adapter_ids [B]`` (−1: base
+        model), the switch's choice where ``routed [B]`` is true (read at its layer inside this forward;
+        ``content``: each prompt's own tokens). No host sync, so it can be captured in a CUDA graph; the
+        adapters it used stay assigned for the decode steps that follow."""
+        self.context.assign(adapter_ids)
+        if routed is not None:
+            self._routing = {"content": content, "routed": routed, "explicit": adapter_ids}
+        try:
+            return self.network(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=_positions(attention_mask), **model_kwargs).logits
+        finally:
+            self._routing = None
 
-        cache = DynamicCache(config=self.network.config)
-        positions = _positions(attention_mask)
-        done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    def _decode(self, logits, attention_mask, cache, limits, stops) -> torch.Tensor:
+        """Greedy decoding from the prefill's last logits with its KV cache, until every sequence hit a
+        stop token or its limit."""
+        done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+        positions = _positions(attention_mask)[:, -1:]
         generated = []
-        step_ids = input_ids
         for step in range(int(limits.max())):
-            logits = self.network(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            self._routing = None  # only the prefill routes
             next_tokens = torch.where(done, self.tokenizer.pad_token_id, logits.argmax(-1))
             generated.append(next_tokens)
             done |= torch.isin(next_tokens, stops) | (step + 1 >= limits)
             if bool(done.all()):
                 break
-            step_ids = next_tokens[:, None]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), 1)], 1)
-            positions = positions[:, -1:] + 1
-        return torch.stack(generated, 1) if generated else input_ids.new_zeros(len(input_ids), 0)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(logits), 1)], 1)
+            positions = positions + 1
+            logits = self.network(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        return torch.stack(generated, 1)
 
     def stop_token_ids(self) -> list[int]:
         """The tokens that end an answer: the generation config's EOS (chat models: end of turn)."""

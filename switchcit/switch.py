@@ -204,7 +204,8 @@ class Switch:
         return [self.tasks[i] if i >= 0 else None for i in task.tolist()]
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise if ``model`` is not the base model this switch was trained on (or has no layer K)."""
+        """Raise if ``model`` (or its transformers config) is not the base model this switch was trained
+        on, or has no layer K."""
         check_layer(self.layer, model)
         signature = model_signature(model)
         if self.base_model is not None and signature != self.base_model:
@@ -265,9 +266,9 @@ def _standardise(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return mean, scale, (features - mean) / scale
 
 
-def model_signature(model: nn.Module) -> dict:
-    """What identifies a base model to a switch: its architecture's sizes."""
-    config = model.config
+def model_signature(model) -> dict:
+    """What identifies a base model to a switch: its architecture's sizes (``model``: a model or its config)."""
+    config = getattr(model, "config", model)
     return {key: getattr(config, key, None)
             for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "max_position_embeddings")}
 
@@ -282,8 +283,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"found no list of {count} decoder layers in {type(model).__name__}")
 
 
-def check_layer(layer: int, model: nn.Module) -> None:
-    count = model.config.num_hidden_layers
+def check_layer(layer: int, model) -> None:
+    count = getattr(model, "config", model).num_hidden_layers
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < count:
         raise ValueError(f"switch layer {layer!r} is outside [0, {count}) for this {count}-layer model")
 

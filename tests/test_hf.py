@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from switchcit import accelerate, load_adapters, restore, route, routing_context, save_adapter  # noqa: E402
+from switchcit import accelerate, load_adapters, restore, routing_context, save_adapter, set_adapters  # noqa: E402
 from switchcit.modules import MultiLoraLinear  # noqa: E402
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -150,7 +150,7 @@ def test_adapter_bank_loads_peft_folders_and_exports_them(tmp_path, generator):
     model = load_adapters(tiny_llama(), folders)
     assert isinstance(model.model.layers[0].self_attn.q_proj, MultiLoraLinear)
     assert routing_context(model).names == [name for name, *_ in ADAPTERS]
-    route(model, [None if n == "__base__" else n for n in NAMES])
+    set_adapters(model, [None if n == "__base__" else n for n in NAMES])
     with torch.no_grad():
         got = model(input_ids=input_ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -159,7 +159,7 @@ def test_adapter_bank_loads_peft_folders_and_exports_them(tmp_path, generator):
     for name, *_ in ADAPTERS:
         save_adapter(model, name, tmp_path / "export" / name)
         reloaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "export" / name).eval()
-        route(model, [name] * 5)
+        set_adapters(model, [name] * 5)
         with torch.no_grad():
             torch.testing.assert_close(model(input_ids=input_ids, attention_mask=mask).logits,
                                        reloaded(input_ids=input_ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
@@ -173,7 +173,7 @@ def test_bank_generate_routes_per_sequence(tmp_path, generator):
     expected = peft_model.generate(**kwargs, adapter_names=NAMES)
     peft_model.save_pretrained(tmp_path)
     model = load_adapters(tiny_llama(), {name: tmp_path / name for name, *_ in ADAPTERS})
-    route(model, [None if n == "__base__" else n for n in NAMES])
+    set_adapters(model, [None if n == "__base__" else n for n in NAMES])
     assert torch.equal(model.generate(**kwargs), expected)
 
 

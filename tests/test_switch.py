@@ -279,3 +279,24 @@ def test_switch_on_the_real_tasks_routes_right_and_sends_an_unseen_task_to_base(
     unseen = sorted({a for pairs in chatterbot_dialogues().values() for a, _ in pairs})
     to_base = switch.route(unseen).count(None)
     assert to_base >= 0.9 * len(unseen), f"{to_base}/{len(unseen)} unseen-task prompts to the base model"
+
+
+def test_switch_op_and_plan_never_read_values_on_the_host(generator):
+    """Between the switch and the adapters nothing reads a tensor's values on the host (which would sync
+    a GPU and break CUDA-graph capture): the switch op and the context's plan run on meta tensors, which
+    have no values to read."""
+    from switchcit import RoutingContext
+    from switchcit.ops import switch_route
+
+    train, labels = clustered_features(generator, 3, 20, 32)
+    head = Switch.fit(train, train, labels).head("meta")
+    task_to_adapter = torch.tensor([2, 0, -1], dtype=torch.int32, device="meta")
+    hidden = torch.empty(6, 5, 32, device="meta")
+    mask = torch.empty(6, 5, dtype=torch.long, device="meta")
+    sequence_ids, token_ids = switch_route(hidden, hidden, mask, head, task_to_adapter, "mean", backend="torch")
+    context = RoutingContext(["a", "b", "c"])
+    context.route_tokens(token_ids, sequence_ids)
+    plan = context.plan
+    assert plan.num_tokens == 30 and plan.sorted_token_ids.shape == (30,) and plan.adapter_offsets.shape == (5,)
+    context.begin_forward((6, 1), torch.device("meta"))  # a decode step's plan from the routed sequences
+    assert context.plan.num_tokens == 6

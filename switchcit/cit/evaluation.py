@@ -7,10 +7,9 @@ from collections.abc import Callable, Sequence
 
 from switchcit.cit.data import Example
 from switchcit.cit.metrics import main_metric, score_task
+from switchcit.serving.openai import BASE_MODEL_NAME  # records name the adapter as the server does
 
-__all__ = ["BASE_NAME", "evaluate_tasks", "routing_accuracy"]
-
-BASE_NAME = "base"  # a prediction record's adapter when a prompt went to the base model (as the server says)
+__all__ = ["evaluate_tasks", "routing_accuracy"]
 
 
 def evaluate_tasks(pipeline, eval_sets: dict[str, list[Example]],
@@ -23,7 +22,7 @@ def evaluate_tasks(pipeline, eval_sets: dict[str, list[Example]],
     prompts = [e.prompt for examples in eval_sets.values() for e in examples]
     answers, adapters = pipeline.generate(prompts, adapters_of(tasks), max_new_tokens=max_new_tokens,
                                           batch_size=batch_size)
-    predictions = [{"task": task, "prompt": prompt, "adapter": adapter or BASE_NAME, "max_tokens": max_new_tokens,
+    predictions = [{"task": task, "prompt": prompt, "adapter": adapter or BASE_MODEL_NAME, "max_tokens": max_new_tokens,
                     "output": answer} for task, prompt, adapter, answer in zip(tasks, prompts, adapters, answers)]
     scores, start = {}, 0
     for task, examples in eval_sets.items():

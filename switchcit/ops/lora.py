@@ -272,8 +272,10 @@ def _check_ranks(ranks, num_adapters: int, max_rank: int, device: torch.device) 
         raise ValueError(f"ranks must have shape [N={num_adapters}], got {tuple(ranks.shape)}")
     if ranks.device != device:
         raise ValueError(f"ranks is on {ranks.device} but x is on {device}")
+    if not num_adapters or not may_read_values(ranks):  # first: under tracing even the version is symbolic
+        return
     checked = (_version(ranks), max_rank)
-    if not num_adapters or getattr(ranks, "_switchcit_checked", None) == checked or not may_read_values(ranks):
+    if getattr(ranks, "_switchcit_checked", None) == checked:
         return
     low, high = (int(v) for v in torch.aminmax(ranks))
     if low < 0 or high > max_rank:
