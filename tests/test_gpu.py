@@ -45,38 +45,36 @@ def test_plan_and_layer_capture_in_cuda_graph_without_sync(generator):
     assert_close_to_reference(out, base + p.reference_delta(), torch.bfloat16)
 
 
-def test_switch_routing_and_forward_in_one_cuda_graph(generator, tmp_path):
-    """Prompt features → fused switch kernel → routing plan → adapter-bank forward, captured as one CUDA
-    graph; replaying it on other prompts routes them anew and equals the eager forward."""
+def test_routed_prefill_in_one_cuda_graph(generator, tmp_path):
+    """The pipeline's routed prefill — base layers below K, the fused switch kernel at layer K, the plan,
+    the adapter-bank layers — captured as one CUDA graph with sync debug mode on (any host sync
+    raises); replaying it on other prompts routes them anew and equals the eager forward."""
     pytest.importorskip("peft")
     from test_hf import tiny_llama, with_adapters
 
-    from switchcit import load_adapters
-    from switchcit.switch import Switch, SwitchModel
+    from switchcit import Switch, SwitchModel, load_adapters
 
     with_adapters(tiny_llama(), [("a", 4, 8, ["q_proj", "v_proj"]), ("b", 4, 8, ["q_proj", "v_proj"])]).save_pretrained(tmp_path)
     model = load_adapters(tiny_llama(), {t: tmp_path / t for t in ("a", "b")}).cuda().eval()
     vocab = model.config.vocab_size
-    # Two "tasks" of prompts: token ids from two far-apart ranges of the vocabulary.
-    def prompts(task, count, length=12):
+
+    def prompts(task, count, length=12):  # two "tasks": token ids from two far-apart ranges of the vocabulary
         low = 4 if task == "a" else vocab - 20
         return torch.randint(low, low + 16, (count, length), generator=generator).cuda()
 
     with torch.no_grad():
         train = torch.cat([prompts("a", 24), prompts("b", 24)])
-        mask = torch.ones_like(train)
-        embeddings = model.get_input_embeddings()(train)
-        last = model(input_ids=train, output_hidden_states=True).hidden_states[-1][:, -1]
-        switch = Switch.fit(last.float().cpu(), embeddings.mean(1).float().cpu(), ["a"] * 24 + ["b"] * 24, epochs=40)
-    switchcit_model = SwitchModel(model, tokenizer=_NoTokenizer(), switch=switch)
+        embeddings = model.get_input_embeddings()(train).mean(1).float().cpu()
+        switch = Switch.fit(embeddings, embeddings, ["a"] * 24 + ["b"] * 24, layer=0)
+    pipeline = SwitchModel(model, tokenizer=_NoTokenizer(), switch=switch)
 
     input_ids = torch.cat([prompts("a", 3), prompts("b", 3)])
     mask = torch.ones_like(input_ids)
+    adapters = torch.full((6,), -1, device="cuda")
+    routed = torch.ones(6, dtype=torch.bool, device="cuda")
 
     def forward():
-        sequence_ids, _ = switchcit_model.route_ids(input_ids, mask)
-        switchcit_model.context.route(sequence_ids)
-        return model(input_ids=input_ids).logits
+        return pipeline.routed_forward(input_ids, mask, mask, adapters, routed, use_cache=False)
 
     with torch.no_grad():
         stream = torch.cuda.Stream()
@@ -84,14 +82,17 @@ def test_switch_routing_and_forward_in_one_cuda_graph(generator, tmp_path):
         with torch.cuda.stream(stream):
             forward()
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = forward()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = forward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         input_ids.copy_(torch.cat([prompts("b", 3), prompts("a", 3)]))
         graph.replay()
+        assert pipeline.context.sequence_ids.tolist() == [1, 1, 1, 0, 0, 0]
         expected = forward()
-        ids, _ = switchcit_model.route_ids(input_ids, mask)
-    assert ids.tolist() == [1, 1, 1, 0, 0, 0]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
