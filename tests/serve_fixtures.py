@@ -115,3 +115,25 @@ def serving(app, draining: bool = True) -> Iterator[tuple[str, object]]:
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+
+def stub_upstream(received: list):
+    """An OpenAI-compatible stub (a plain Starlette app): records each body; answers with the model it
+    was asked for, or with a 400 error when max_tokens is 999 (as vLLM does for a limit it refuses)."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def answer(request):
+        payload = await request.json()
+        received.append((request.url.path, payload))
+        if payload.get("max_tokens") == 999:
+            error = {"message": "max_tokens is too large", "type": "BadRequestError", "code": 400}
+            return JSONResponse({"error": error}, status_code=400)
+        return JSONResponse({
+            "id": "cmpl-stub", "object": "text_completion", "model": payload["model"],
+            "choices": [{"index": 0, "text": f"written by {payload['model']}", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+    paths = ("/v1/completions", "/v1/chat/completions")
+    return Starlette(routes=[Route(path, answer, methods=["POST"]) for path in paths])

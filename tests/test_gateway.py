@@ -15,7 +15,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("peft")
 
-from serve_fixtures import TASKS, TOPICS, serving, task_prompts, tiny_run  # noqa: E402
+from serve_fixtures import TASKS, TOPICS, serving, stub_upstream, task_prompts, tiny_run  # noqa: E402
 
 from switchcit.serving.gateway import create_gateway  # noqa: E402
 from switchcit.runs import read_run  # noqa: E402
@@ -33,26 +33,6 @@ def run_dir(tmp_path_factory):
 def switch(run_dir):
     run = read_run(run_dir)
     return Switch.load(run.switch, encoder=run.base)
-
-
-def stub_upstream(received: list):
-    """An OpenAI-compatible stub: records each body; answers with the model it was asked for, or with
-    a 400 error when max_tokens is 999 (as vLLM does for a limit it refuses)."""
-    app = fastapi.FastAPI()
-
-    async def answer(request: fastapi.Request):
-        payload = await request.json()
-        received.append((request.url.path, payload))
-        if payload.get("max_tokens") == 999:
-            error = {"message": "max_tokens is too large", "type": "BadRequestError", "code": 400}
-            return fastapi.responses.JSONResponse({"error": error}, status_code=400)
-        return {"id": "cmpl-stub", "object": "text_completion", "model": payload["model"],
-                "choices": [{"index": 0, "text": f"written by {payload['model']}", "finish_reason": "length"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-
-    app.add_api_route("/v1/completions", answer, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", answer, methods=["POST"])
-    return app
 
 
 @pytest.fixture(scope="module")
