@@ -1,6 +1,7 @@
 """``switchcit route`` against a stub upstream on loopback: auto requests go upstream under the
 switch's adapter, explicit ones under their own name, ``base`` under the upstream's base-model name;
-answers carry ``adapter``; bad input never reaches the upstream; upstream errors come back as JSON.
+answers carry ``adapter``; bad input never reaches the upstream; a request whose routing fails fails
+alone; upstream errors come back as JSON.
 And ``switchcit export-vllm``: the adapter folders and the exact ``vllm serve`` command."""
 import argparse
 import asyncio

@@ -1,6 +1,7 @@
 """``switchcit serve`` over loopback TCP on a tiny run: the OpenAI schema, mixed-adapter batching that
-answers exactly what each request gets alone, 4xx JSON for bad input, 429 on a full queue, and a
-graceful shutdown that finishes or explicitly fails every open request."""
+answers exactly what each request gets alone, 4xx JSON for bad input (413 for a body over the limit),
+a request failing at run time failing alone, tokenising off the event loop, 429 on a full queue, and
+a graceful shutdown that finishes or explicitly fails every open request."""
 import argparse
 import asyncio
 import json
