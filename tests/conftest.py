@@ -2,14 +2,27 @@
 
 TRITON_INTERPRET must be set before triton compiles anything, so it is set here, before any test
 module imports switchcit.kernels. With CUDA the same tests run the compiled kernels on the GPU.
+
+Property tests (hypothesis) draw a few dozen examples each by default; ``HYPOTHESIS_PROFILE=thorough``
+draws 1,000: ``HYPOTHESIS_PROFILE=thorough python -m pytest -q tests/ops -k property``.
 """
 import os
+import tempfile
 
 import pytest
 import torch
+from hypothesis import settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# No deadline: an example's time depends on its shapes and on the Triton interpreter. No example
+# database: a failure prints its example (and the seed of its tensors). Hypothesis's own caches go to
+# the temporary directory, not into the checkout.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "switchcit-hypothesis"))
+settings.register_profile("quick", max_examples=30, deadline=None, database=None, print_blob=True)
+settings.register_profile("thorough", max_examples=1000, deadline=None, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -119,7 +119,8 @@ def _prepare(x, lora_a, lora_b, adapter_ids, scaling, ranks, backend) -> _Call:
         raise ValueError(f"lora_a {tuple(lora_a.shape)} does not match x's hidden size {_hidden(x)}")
     if lora_b.shape[0] != num_adapters or lora_b.shape[2] != max_rank:
         raise ValueError(
-            f"lora_b {tuple(lora_b.shape)} does not match lora_a {tuple(lora_a.shape)}: expected [N={num_adapters}, O, R={max_rank}]"
+            f"lora_b {tuple(lora_b.shape)} does not match lora_a {tuple(lora_a.shape)}: "
+            f"expected [N={num_adapters}, O, R={max_rank}]"
         )
     _check_same("lora_a", lora_a, x)
     _check_same("lora_b", lora_b, x)

@@ -60,7 +60,8 @@ class RoutingPlan:
         """This plan with its tile schedule (the Triton kernels need it, the CPU kernels do not)."""
         if self.tile_adapter is not None:
             return self
-        tile_adapter, tile_start = _tile_schedule(self.adapter_offsets, self.num_tokens, self.num_adapters, self.block_m)
+        tile_adapter, tile_start = _tile_schedule(self.adapter_offsets, self.num_tokens, self.num_adapters,
+                                                  self.block_m)
         return replace(self, tile_adapter=tile_adapter, tile_start=tile_start, _built=True)  # self was checked
 
     def adapter_counts(self) -> torch.Tensor:
@@ -92,8 +93,8 @@ def _check_plan_tensors(plan: RoutingPlan) -> None:
     if (plan.tile_adapter is None) != (plan.tile_start is None):
         raise ValueError("tile_adapter and tile_start come together: both tensors, or both None")
     tokens, adapters = plan.num_tokens, plan.num_adapters
-    expected = {"token_adapter": ((tokens,), (torch.int32, torch.int64)), "sorted_token_ids": ((tokens,), (torch.int32,)),
-                "adapter_offsets": ((adapters + 2,), (torch.int32,))}
+    expected = {"token_adapter": ((tokens,), (torch.int32, torch.int64)),
+                "sorted_token_ids": ((tokens,), (torch.int32,)), "adapter_offsets": ((adapters + 2,), (torch.int32,))}
     if plan.tile_adapter is not None:
         tiles = (_max_tiles(tokens, adapters, plan.block_m),)
         expected.update(tile_adapter=(tiles, (torch.int32,)), tile_start=(tiles, (torch.int32,)))
@@ -102,7 +103,8 @@ def _check_plan_tensors(plan: RoutingPlan) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in dtypes:
-            raise TypeError(f"{name} must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, got {t.dtype}")
+            names = " or ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
+            raise TypeError(f"{name} must be {names}, got {t.dtype}")
         if tuple(t.shape) != shape:
             raise ValueError(
                 f"routing plan for {tokens} tokens, {adapters} adapters and block_m {plan.block_m}: "

@@ -15,9 +15,11 @@ def test_opcheck(generator):
     partial = ops.lora_shrink(p.x, p.lora_a, *routing, p.ranks)
     torch.library.opcheck(ops.lora_shrink.default, (p.x, p.lora_a, *routing, p.ranks), test_utils=tests)
     out = torch.randn(21, 24, generator=generator).to(DEVICE)
-    torch.library.opcheck(ops.lora_expand_.default, (out, partial, p.lora_b, *routing, p.scaling, 1.0, p.ranks), test_utils=tests)
+    torch.library.opcheck(ops.lora_expand_.default, (out, partial, p.lora_b, *routing, p.scaling, 1.0, p.ranks),
+                          test_utils=tests)
     grad_b = torch.empty_like(p.lora_b)
-    torch.library.opcheck(ops.lora_weight_grad_.default, (grad_b, out, partial, *routing, p.scaling, 1.0, p.ranks), test_utils=tests)
+    torch.library.opcheck(ops.lora_weight_grad_.default, (grad_b, out, partial, *routing, p.scaling, 1.0, p.ranks),
+                          test_utils=tests)
 
 
 def test_torch_compile_fullgraph(generator):
@@ -25,7 +27,8 @@ def test_torch_compile_fullgraph(generator):
     plan = build_routing_plan(p.adapter_ids, 4, tiles=True)
 
     def layer(x, weight, bias, lora_a, lora_b, scaling, ranks):
-        return torch.relu(lora_linear(x, weight, lora_a, lora_b, plan, scaling, bias=bias, ranks=ranks, backend="triton"))
+        return torch.relu(lora_linear(x, weight, lora_a, lora_b, plan, scaling, bias=bias, ranks=ranks,
+                                      backend="triton"))
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     got = compiled(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.scaling, p.ranks)

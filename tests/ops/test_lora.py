@@ -6,18 +6,21 @@ bitwise and rows that must be written cannot pass by starting at zero.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
 import torch
 from conftest import DEVICE, assert_close_to_reference
+from hypothesis import given
+from hypothesis import strategies as st
 from helpers import BACKEND_DTYPES, BACKENDS, Problem, backend_device, make_problem
 
 import switchcit.kernels
 from switchcit import build_routing_plan, lora_delta, lora_linear
 from switchcit.kernels import LoraKernelConfig, lora_expand, lora_shrink
 from switchcit.ops import cpp, select_backend
-from switchcit.ops.naive import lora_delta_reference
+from switchcit.ops.naive import lora_delta_reference, lora_linear_reference
 from switchcit.ops.routing import RoutingPlan
 
 KERNEL_BACKENDS = tuple(b for b in BACKENDS if b != "torch")  # backends with their own backward kernels
@@ -264,7 +267,8 @@ def test_no_routed_token_gives_zero_gradients(backend, routing, generator):
         assert leaf.grad is not None and torch.equal(leaf.grad, torch.zeros_like(leaf)), name
 
     x = p.x.requires_grad_()
-    lora_delta(x, p.lora_a.detach(), p.lora_b.detach(), p.adapter_ids, 2.0, ranks=p.ranks, backend=backend).sum().backward()
+    delta = lora_delta(x, p.lora_a.detach(), p.lora_b.detach(), p.adapter_ids, 2.0, ranks=p.ranks, backend=backend)
+    delta.sum().backward()
     assert x.grad is not None and torch.equal(x.grad, torch.zeros_like(x))
 
 
@@ -288,6 +292,96 @@ def test_empty_dimensions(backend, dims, generator):
     lora_delta(*leaves, p.adapter_ids, p.scaling, ranks=p.ranks, backend=backend).backward(out)
     for name, leaf in zip(("x", "lora_a", "lora_b"), leaves):
         assert leaf.grad is not None and torch.equal(leaf.grad, torch.zeros_like(leaf)), name
+
+
+# --------------------------------------------------------------------------------------------------
+# Property test (hypothesis): any sizes (0 included), ranks, ids, dtypes, layouts and routing, on every
+# backend, forward and every gradient against the float64 reference
+
+
+def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout: contiguous, every other element of a wider buffer, or
+    the last two dimensions stored transposed."""
+    if layout == "strided":
+        return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]  # the gaps hold NaN
+    if layout == "transposed" and t.dim() >= 2:
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t
+
+
+LAYOUTS = st.sampled_from(["contiguous", "strided", "transposed"])
+
+
+@st.composite
+def lora_calls(draw) -> dict:
+    backend = draw(st.sampled_from(BACKENDS))
+    return dict(
+        backend=backend,
+        dtype=draw(st.sampled_from(BACKEND_DTYPES[backend])),
+        # Up to two leading dimensions; one long one reaches the 64-row tiles (T > 128).
+        lead=draw(st.lists(st.integers(0, 12), min_size=1, max_size=2) | st.tuples(st.integers(0, 150))),
+        hidden=draw(st.integers(0, 48)),
+        out_features=draw(st.integers(0, 40)),
+        num_adapters=draw(st.integers(0, 5)),
+        max_rank=draw(st.integers(0, 12)),
+        ids=draw(st.sampled_from(["random", "all_base", "one_adapter", "skip_some"])),
+        id_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+        tensor_scaling=draw(st.booleans()),
+        heterogeneous_ranks=draw(st.booleans()),
+        layouts=draw(st.tuples(LAYOUTS, LAYOUTS, LAYOUTS)),  # x, lora_a, lora_b
+        routing=draw(st.sampled_from(["ids", "flat ids", "plan"])),
+        call=draw(st.sampled_from(["lora_delta", "lora_delta into out", "lora_linear"])),
+        out_layout=draw(LAYOUTS),
+        needs_grad=draw(st.tuples(st.booleans(), st.booleans(), st.booleans())),  # x, lora_a, lora_b
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@given(lora_calls())
+def test_property_lora_matches_reference(call):
+    lead, backend, dtype = tuple(call["lead"]), call["backend"], call["dtype"]
+    gen = torch.Generator().manual_seed(call["seed"])
+    p = make_problem(gen, math.prod(lead), call["hidden"], call["out_features"], call["num_adapters"],
+                     call["max_rank"], ids=call["ids"], dtype=dtype, device=backend_device(backend, DEVICE),
+                     id_dtype=call["id_dtype"], tensor_scaling=call["tensor_scaling"],
+                     heterogeneous_ranks=call["heterogeneous_ranks"])
+    leaves = [laid_out(t.reshape(*lead, call["hidden"]) if t is p.x else t, layout).requires_grad_(needs)
+              for t, layout, needs in zip((p.x, p.lora_a, p.lora_b), call["layouts"], call["needs_grad"])]
+    ids = p.adapter_ids.reshape(lead)
+    routing = {"ids": ids, "flat ids": p.adapter_ids,
+               "plan": build_routing_plan(ids, p.lora_a.shape[0])}[call["routing"]]
+    out = None
+    if call["call"] == "lora_delta into out":
+        out = laid_out(poison(gen, *lead, call["out_features"], dtype=dtype, device=p.x.device), call["out_layout"])
+    out_before = None if out is None else out.clone()
+    if call["call"] == "lora_linear":
+        got = lora_linear(leaves[0], p.weight, *leaves[1:], routing, p.scaling, bias=p.bias, ranks=p.ranks,
+                          backend=backend)
+    else:
+        got = lora_delta(*leaves, routing, p.scaling, out=out, ranks=p.ranks, backend=backend)
+        assert out is None or got is out
+
+    # The float64 spec on the same (rounded) values, differentiated by autograd.
+    leaves64 = [t.detach().double().requires_grad_() for t in (p.x, p.lora_a, p.lora_b)]
+    scaling64 = p.scaling.double() if call["tensor_scaling"] else p.scaling
+    if call["call"] == "lora_linear":
+        expected = lora_linear_reference(*leaves64[:1], p.weight.double(), *leaves64[1:], p.adapter_ids, scaling64,
+                                         p.bias.double(), p.ranks)
+    else:
+        expected = lora_delta_reference(*leaves64, p.adapter_ids, scaling64, p.ranks)
+    expected = expected.reshape(*lead, call["out_features"])
+    assert_close_to_reference(got, expected if out_before is None else out_before.double() + expected, dtype)
+    if out_before is not None:
+        base_rows = ids == -1
+        assert torch.equal(got.detach()[base_rows], out_before[base_rows]), "base-only tokens must be left untouched"
+
+    if any(call["needs_grad"]):
+        grad_out = poison(gen, *got.shape, dtype=dtype, device=got.device)
+        got.backward(grad_out)
+        expected_grads = torch.autograd.grad(expected, leaves64, grad_out.double())
+        for name, leaf, want in zip(("x", "lora_a", "lora_b"), leaves, expected_grads):
+            if leaf.requires_grad:
+                assert_close_to_reference(leaf.grad.reshape(want.shape), want, dtype), name
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ import dataclasses
 import pytest
 import torch
 from conftest import DEVICE
+from hypothesis import given
+from hypothesis import strategies as st
 
 from switchcit.ops import routing
 from switchcit.ops.routing import RoutingPlan, build_routing_plan
@@ -23,7 +25,8 @@ def random_ids(gen, tokens, num_adapters, dtype=torch.int64):
 def test_cpp_sort_matches_device_path(tokens, num_adapters, id_dtype, generator):
     if routing._C is None:
         pytest.skip("C++ core not built")
-    ids = random_ids(generator, tokens, max(num_adapters, 0), id_dtype) if num_adapters else torch.full((tokens,), -1, dtype=id_dtype)
+    ids = (random_ids(generator, tokens, num_adapters, id_dtype) if num_adapters
+           else torch.full((tokens,), -1, dtype=id_dtype))
     sorted_cpp, offsets_cpp = routing._C.sort_tokens_by_adapter(ids.numpy(), num_adapters)
     sorted_torch, offsets_torch = sort_with_torch(ids, num_adapters)
     assert torch.equal(torch.from_numpy(sorted_cpp), sorted_torch)
@@ -39,12 +42,14 @@ def test_cpp_sort_rejects_out_of_range_ids():
         routing._C.sort_tokens_by_adapter(torch.tensor([0.0]).numpy(), 3)
 
 
-@pytest.mark.parametrize("tokens,num_adapters,block_m", [(0, 4, 16), (1, 4, 16), (77, 6, 16), (500, 9, 64), (200, 0, 16), (40, 64, 32)])
-def test_plan_invariants(tokens, num_adapters, block_m, generator):
-    ids = random_ids(generator, tokens, num_adapters) if num_adapters else torch.full((tokens,), -1)
-    plan = build_routing_plan(ids.to(DEVICE), num_adapters, block_m=block_m, tiles=True)
+def assert_plan_invariants(ids: torch.Tensor, plan: RoutingPlan) -> None:
+    """``plan`` sorts the tokens of ``ids`` (CPU, any shape, values in [-1, N)) by adapter, and its tiles
+    cover each adapter's rows once."""
+    ids = ids.reshape(-1)
+    tokens, num_adapters, block_m = ids.numel(), plan.num_adapters, plan.block_m
     sorted_ids = plan.sorted_token_ids.cpu().long()
     offsets = plan.adapter_offsets.cpu().long()
+    assert torch.equal(plan.token_adapter.cpu(), ids)
 
     # Stable sort by adapter, base-only tokens last.
     keys = torch.where(ids < 0, num_adapters, ids)
@@ -68,6 +73,28 @@ def test_plan_invariants(tokens, num_adapters, block_m, generator):
         covered[start:end] += 1
     assert torch.equal(covered[: offsets[num_adapters]], torch.ones(int(offsets[num_adapters]), dtype=torch.long))
     assert (covered[offsets[num_adapters]:] == 0).all(), "base-only tokens get no tile"
+
+
+@pytest.mark.parametrize("tokens,num_adapters,block_m",
+                         [(0, 4, 16), (1, 4, 16), (77, 6, 16), (500, 9, 64), (200, 0, 16), (40, 64, 32)])
+def test_plan_invariants(tokens, num_adapters, block_m, generator):
+    ids = random_ids(generator, tokens, num_adapters) if num_adapters else torch.full((tokens,), -1)
+    assert_plan_invariants(ids, build_routing_plan(ids.to(DEVICE), num_adapters, block_m=block_m, tiles=True))
+
+
+@given(lead=st.lists(st.integers(0, 40), min_size=1, max_size=2), num_adapters=st.integers(0, 70),
+       used=st.floats(0, 1), block_m=st.sampled_from([None, 16, 32, 64, 128]),
+       id_dtype=st.sampled_from([torch.int32, torch.int64]), seed=st.integers(0, 2**31 - 1))
+def test_property_routing_plan(lead, num_adapters, used, block_m, id_dtype, seed):
+    """Any ids (some adapters unused, −1 anywhere), shape, bank size and tile height: the plan's invariants
+    hold, the C++ and the device sort agree, and a plan rebuilt field by field passes its check."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(-1, round(used * num_adapters), lead, generator=gen).to(id_dtype)
+    plan = build_routing_plan(ids.to(DEVICE), num_adapters, block_m=block_m, tiles=True)
+    assert_plan_invariants(ids, plan)
+    sorted_token_ids, adapter_offsets = sort_with_torch(ids.to(DEVICE), num_adapters)
+    assert torch.equal(plan.sorted_token_ids, sorted_token_ids) and torch.equal(plan.adapter_offsets, adapter_offsets)
+    RoutingPlan(**{field.name: getattr(plan, field.name) for field in dataclasses.fields(plan)})
 
 
 def test_cpu_plan_uses_cpp_and_matches_torch_path(generator, monkeypatch):
@@ -127,7 +154,8 @@ BAD_PLANS = {
     "2-D offsets": (r"adapter_offsets has shape \(1, 7\)",
                     lambda plan: dict(adapter_offsets=plan.adapter_offsets[None])),
     "one tile tensor": ("tile_adapter and tile_start", lambda plan: dict(tile_start=None)),
-    "other device": ("sorted_token_ids is on meta", lambda plan: dict(sorted_token_ids=plan.sorted_token_ids.to("meta"))),
+    "other device": ("sorted_token_ids is on meta",
+                     lambda plan: dict(sorted_token_ids=plan.sorted_token_ids.to("meta"))),
     "sorted ids of other ids": ("not the plan of its token_adapter",
                                 lambda plan: dict(sorted_token_ids=plan.sorted_token_ids.flip(0))),
     "offsets of other ids": ("not the plan of its token_adapter",
