@@ -23,8 +23,7 @@ import json
 from pathlib import Path
 
 import torch
-from common import REPO, median_ms, run_metadata
-from torch import nn
+from common import REPO, median_ms, peft_mixed_batch_loop, run_metadata
 
 from switchcit.ops import lora_delta
 from switchcit.ops.naive import lora_delta_reference
@@ -33,23 +32,9 @@ METHODS = ("peft_loop", "cpp", "torch")
 TARGETS = {"forward": 5.0, "forward+backward": 3.0}  # minimum speed-up of cpp over peft_loop
 
 
-def peft_loop(x, lora_a, lora_b, adapter_ids, scaling):
-    """PEFT's ``lora.Linear._mixed_batch_forward``, line for line: Python index lists per adapter,
-    then ``result[indices] += lora_B(lora_A(x[indices])) * scaling`` (each token a one-token sequence)."""
-    names = adapter_ids.tolist()  # PEFT receives adapter_names as a Python list
-    result = x.new_zeros(x.shape[0], lora_b.shape[1])
-    for adapter in set(names):
-        if adapter < 0:
-            continue
-        indices = [index for index, item in enumerate(names) if item == adapter]
-        lora_output = nn.functional.linear(nn.functional.linear(x[indices], lora_a[adapter]), lora_b[adapter]) * scaling
-        result[indices] += lora_output
-    return result
-
-
 def method(name):
     if name == "peft_loop":
-        return peft_loop
+        return peft_mixed_batch_loop
     return lambda x, a, b, ids, scaling: lora_delta(x, a, b, ids, scaling, backend=name)
 
 

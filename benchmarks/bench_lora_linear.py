@@ -55,7 +55,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from common import REPO, capture, median_ms, run_metadata, warm_up
+from common import REPO, WrongResult, capture, device_tag, median_ms, peft_mixed_batch_loop, run_metadata, warm_up
 
 from switchcit.ops import lora_linear
 from switchcit.ops.naive import lora_delta_reference
@@ -75,9 +75,6 @@ SMOKE_REPS = 3
 # Max abs error allowed vs the float64 reference, relative to (1 + max |reference|); as in the tests.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
-
-class WrongResult(AssertionError):
-    """A method disagrees with the reference: the benchmark is meaningless, so it stops."""
 
 
 class Shape(NamedTuple):
@@ -154,17 +151,8 @@ def switchcit_method(bank: Bank, x: torch.Tensor, plan: RoutingPlan) -> Callable
 
 
 def peft_loop_method(bank: Bank, x: torch.Tensor, plan: RoutingPlan) -> Callable[[], torch.Tensor]:
-    ids = plan.token_adapter
-
-    def run() -> torch.Tensor:
-        y = F.linear(x, bank.weight)
-        for adapter in torch.unique(ids).tolist():  # host sync: PEFT groups tokens in Python
-            rows = (ids == adapter).nonzero().squeeze(1)
-            delta = (x[rows] @ bank.lora_a[adapter].T) @ bank.lora_b[adapter].T
-            y.index_add_(0, rows, delta * bank.scaling[adapter])
-        return y
-
-    return run
+    return lambda: F.linear(x, bank.weight) + peft_mixed_batch_loop(x, bank.lora_a, bank.lora_b, plan.token_adapter,
+                                                                     bank.scaling)
 
 
 def grouped_mm_method(bank: Bank, x: torch.Tensor, plan: RoutingPlan) -> Callable[[], torch.Tensor]:
@@ -297,11 +285,6 @@ def summarize(rows: list[dict], modes: tuple[str, ...]) -> dict:
         }
     return summary
 
-
-def device_tag(device_name: str) -> str:
-    """``NVIDIA H100 80GB HBM3`` → ``h100``; names without a model number are slugified."""
-    model = re.search(r"\b([A-Z]{1,3}\d{2,4}[A-Za-z]*)\b", device_name)
-    return model.group(1).lower() if model else re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
 
 
 def environment(device: torch.device, smoke: bool, sweep: dict, modes: tuple[str, ...]) -> dict:

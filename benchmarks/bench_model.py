@@ -45,13 +45,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from common import REPO, capture, median_ms, run_metadata, warm_up
+from common import REPO, WrongResult, capture, device_tag, median_ms, run_metadata, warm_up
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -72,9 +71,6 @@ RANK, ALPHA = 16, 32
 # decode B=64 and B=256, 5.6% at 8×512), while sending a sequence to the wrong adapter moves them by >100%.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1.5e-1}
 
-
-class WrongResult(AssertionError):
-    """switchcit disagrees with PEFT (or a graph with its eager run): the timings would be meaningless."""
 
 
 @dataclass(frozen=True)
@@ -324,11 +320,6 @@ def headline(rows: list[dict], modes: tuple[str, ...]) -> list[dict]:
         })
     return lines
 
-
-def device_tag(device_name: str) -> str:
-    """``NVIDIA H100 80GB HBM3`` → ``h100``; names without a model number are slugified."""
-    model = re.search(r"\b([A-Z]{1,3}\d{2,4}[A-Za-z]*)\b", device_name)
-    return model.group(1).lower() if model else re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
 
 
 def environment(device: torch.device, args: argparse.Namespace, sweep: Sweep) -> dict:

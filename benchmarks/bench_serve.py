@@ -2,7 +2,7 @@
 """Serving benchmark: ``switchcit serve`` on mixed-adapter traffic, mixed batches against one adapter
 per batch, over HTTP on loopback.
 
-The run: ``--run RUN_DIR``, or one built on the fly (``tests/serve_fixtures.build_run``): the base
+The run: ``--run RUN_DIR``, or one built on the fly (``switchcit.testing.build_run``): the base
 model SmolLM2-135M-Instruct (float32) with one random LoRA adapter per task (r16, alpha 32, on
 q_proj, v_proj, down_proj; B nonzero) for the tasks haiku, simplify, factcheck, and a switch trained on
 a few prompts per task with the base as encoder. ``--smoke`` builds a tiny random Llama instead.
@@ -19,8 +19,8 @@ and ``base``. Scenarios, same requests and arrivals:
 * ``one adapter per batch``: the same server, except that a batch holds only requests for the oldest
   queued request's adapter, as a server that runs one adapter per forward must: the requests are
   grouped and served one adapter at a time, the others wait for a later batch.
-* ``auto``: as ``mixed``, with ``model: "auto"``: the switch routes each batch (one encoder pass)
-  before generating it.
+* ``auto``: as ``mixed``, with ``model: "auto"``: the switch routes each prompt inside its batch's
+  prefill (it reads layer K of the same forward).
 
 Reported per scenario: throughput (requests/s; generated tokens/s from the answers' ``usage``) from
 the first arrival to the last answer, latency per request (arrival → answer; p50, p99) and the mean
@@ -48,11 +48,10 @@ import httpx
 import torch
 from common import REPO, run_metadata
 
-sys.path.insert(0, str(REPO / "tests"))  # the run builder and prompts the serving tests use
-from serve_fixtures import TASKS, TOPICS, build_run, serving, task_prompts  # noqa: E402
-
-from switchcit.serving import Batcher, create_app  # noqa: E402
-from switchcit.switch import SwitchModel  # noqa: E402
+from switchcit.pipeline import SwitchModel
+from switchcit.serving.app import create_app
+from switchcit.serving.batcher import Batcher
+from switchcit.testing import TASKS, TOPICS, build_run, serving, task_prompts
 
 SCENARIOS = ("mixed", "one adapter per batch", "auto")
 CPU_DEFAULTS = {"requests": 96, "rate": 2.0, "max_tokens": 16, "max_batch_size": 16}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -99,3 +100,30 @@ def write_results(out: Path, name: str, title: str, meta: dict, rows: list[dict]
     lines += markdown_table(header, table) + ["", notes.strip(), ""]
     md_path.write_text("\n".join(lines))
     return json_path, md_path
+
+
+class WrongResult(AssertionError):
+    """A method disagrees with its reference: its timings would be meaningless, so the run stops."""
+
+
+def device_tag(device_name: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` → ``h100``; names without a model number are slugified."""
+    model = re.search(r"\b([A-Z]{1,3}\d{2,4}[A-Za-z]*)\b", device_name)
+    return model.group(1).lower() if model else re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+
+
+def peft_mixed_batch_loop(x, lora_a, lora_b, adapter_ids, scaling):
+    """The LoRA term as PEFT's ``lora.Linear._mixed_batch_forward`` computes it, line for line: Python
+    index lists per adapter, then ``result[indices] += lora_B(lora_A(x[indices])) * scaling`` (each token
+    a one-token sequence). ``scaling``: a float or one per adapter."""
+    import torch.nn.functional as F
+
+    names = adapter_ids.tolist()  # PEFT receives adapter_names as a Python list
+    result = x.new_zeros(x.shape[0], lora_b.shape[1])
+    for adapter in set(names):
+        if adapter < 0:
+            continue
+        indices = [index for index, item in enumerate(names) if item == adapter]
+        scale = scaling[adapter] if isinstance(scaling, torch.Tensor) else scaling
+        result[indices] += F.linear(F.linear(x[indices], lora_a[adapter]), lora_b[adapter]) * scale
+    return result

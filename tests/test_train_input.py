@@ -74,3 +74,18 @@ def test_cli_errors_are_one_line_exit_code_2_and_leave_an_existing_run_alone(bas
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["eval", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("switchcit eval: ")
+
+
+def test_a_run_folder_with_other_settings_is_refused_before_any_work(base, tmp_path, capsys):
+    task = write_task(tmp_path / "task")
+    first = config(base, [task], tmp_path / "run")
+    first.validate()
+    first.save()
+    saved = (tmp_path / "run" / "config.json").read_text()
+    first.validate()  # the same settings: continue the run
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--base", str(base), "--tasks", str(task), "--out", str(tmp_path / "run"), "--steps", "7"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "holds a run with other settings (steps)" in error
+    assert (tmp_path / "run" / "config.json").read_text() == saved

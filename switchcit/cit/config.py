@@ -53,7 +53,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Fail fast, before any model is loaded: unknown methods, bad numbers, missing or empty task
         folders, task names that cannot name an adapter, unknown field names, any bad row of any data
-        file (``FILE:LINE: what is wrong``), a switch layer the base model does not have."""
+        file (``FILE:LINE: what is wrong``), a switch layer the base model does not have, a run folder
+        holding other settings."""
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -79,6 +80,21 @@ class TrainConfig:
         for folder in self.tasks:
             for split in ("train", "test"):
                 load_task(folder, split, self.fields)  # every row: none may fail after the model loaded
+        self._check_run_folder()
+
+    def _check_run_folder(self) -> None:
+        """An existing run in ``out`` continues only with the same settings."""
+        path = Path(self.out) / CONFIG_FILE
+        if not path.is_file():
+            return
+        try:
+            previous = TrainConfig(**json.loads(path.read_text()))
+        except (ValueError, TypeError):
+            raise ValueError(f"{path} holds no settings of a run; use another --out") from None
+        if previous != self:
+            changed = [f.name for f in dataclasses.fields(self) if getattr(previous, f.name) != getattr(self, f.name)]
+            raise ValueError(f"{self.out} holds a run with other settings ({', '.join(changed)}); use another --out "
+                             "or the same command to continue it")
 
     @property
     def task_names(self) -> list[str]:

@@ -19,7 +19,6 @@ share of every batch); rank 0 evaluates and writes.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -305,13 +304,6 @@ def target_loss(model, input_ids, labels, attention_mask) -> torch.Tensor:
 
 def train(config: TrainConfig) -> dict[str, dict]:
     """Run (or continue) the stream; returns ``{method: results}`` as written to ``results.json``."""
-    out = Path(config.out)
-    if (out / "config.json").is_file():
-        saved = TrainConfig.load(out)
-        if saved != config:
-            changed = [f.name for f in dataclasses.fields(config) if getattr(saved, f.name) != getattr(config, f.name)]
-            raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)}); use another --out "
-                             "or the same command to continue it")
     return Trainer(config).run()
 
 
