@@ -24,12 +24,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
@@ -75,6 +77,16 @@ class Launch:
     kwargs: dict
     role: str
     workload: str
+    dtype: torch.dtype  # of the workload's activations
+
+
+@dataclass
+class Workload:
+    """Calls of the dispatch on meta tensors, the roles of the launches they make (in order), their dtype."""
+
+    run: Callable[[], None]
+    roles: tuple[str, ...]
+    dtype: torch.dtype
 
 
 @contextlib.contextmanager
@@ -106,8 +118,8 @@ def meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 
 def lora_layer(dtype: torch.dtype, tokens: int, hidden: int, out_features: int, rank: int,
                ranks_dtype: torch.dtype | None = torch.int32,
-               scaling_dtype: torch.dtype | None = torch.float32) -> tuple[Callable[[], None], tuple[str, ...]]:
-    """One layer's LoRA term through the Triton dispatch, forward and backward, and its launches' roles."""
+               scaling_dtype: torch.dtype | None = torch.float32) -> Workload:
+    """One layer's LoRA term through the Triton dispatch, forward and backward."""
 
     def run():
         x, grad_out = meta(tokens, hidden, dtype=dtype), meta(tokens, out_features, dtype=dtype)
@@ -119,11 +131,11 @@ def lora_layer(dtype: torch.dtype, tokens: int, hidden: int, out_features: int, 
                                        1.0, ranks, save=True)
         TritonKernels.backward(grad_out, x, lora_a, lora_b, shrunk, plan, scaling, 1.0, ranks, (True, True, True))
 
-    return run, FORWARD_ROLES + BACKWARD_ROLES
+    return Workload(run, FORWARD_ROLES + BACKWARD_ROLES, dtype)
 
 
 def switch(dtype: torch.dtype, batch: int, seq_len: int, features: int, hidden_units: int, tasks: int,
-           components: int, pool_last: bool) -> tuple[Callable[[], None], tuple[str, ...]]:
+           components: int, pool_last: bool) -> Workload:
     """The fused switch on one batch (float32 switch parameters, as ``switch_route`` passes them)."""
 
     def run():
@@ -131,16 +143,17 @@ def switch(dtype: torch.dtype, batch: int, seq_len: int, features: int, hidden_u
         fused_switch_route(
             meta(batch, seq_len, features, dtype=dtype), meta(batch, seq_len, features, dtype=dtype),
             meta(batch, seq_len, dtype=torch.int64), meta(features, dtype=fp32), meta(features, dtype=fp32),
-            meta(hidden_units, features, dtype=fp32), meta(hidden_units, dtype=fp32), meta(tasks, hidden_units, dtype=fp32),
-            meta(tasks, dtype=fp32), meta(features, dtype=fp32), meta(features, dtype=fp32),
+            meta(hidden_units, features, dtype=fp32), meta(hidden_units, dtype=fp32),
+            meta(tasks, hidden_units, dtype=fp32), meta(tasks, dtype=fp32), meta(features, dtype=fp32),
+            meta(features, dtype=fp32),
             meta(tasks, features, dtype=fp32), meta(components, features, dtype=fp32), 1.0, float("inf"), 0.0,
             meta(tasks, dtype=torch.int32), pool_last,
         )
 
-    return run, SWITCH_ROLES
+    return Workload(run, SWITCH_ROLES, dtype)
 
 
-def model_workloads() -> dict[str, tuple]:
+def model_workloads() -> dict[str, Workload]:
     """bench_model's layer shapes at every token count, and the switch on a 16 × 512 prefill."""
     workloads = {f"{layer} T={tokens}": lora_layer(torch.bfloat16, tokens, *shape)
                  for layer, shape in MODEL_LAYERS.items() for tokens in MODEL_TOKENS}
@@ -149,7 +162,7 @@ def model_workloads() -> dict[str, tuple]:
     return workloads
 
 
-def check_workloads() -> dict[str, tuple]:
+def check_workloads() -> dict[str, Workload]:
     """Every dtype and launch configuration the dispatcher can choose: 16- and 64-row tiles (T ≤ 128 or
     more), one or several shrink splits (reductions of 256 or 1024), ranks and scaling as tensors or not;
     the switch with both poolings, the largest head blocks (256 hidden units, 128 gate components) and
@@ -164,17 +177,19 @@ def check_workloads() -> dict[str, tuple]:
             dtype, 16, 1024, 1024, 64, ranks_dtype=None, scaling_dtype=None)
         for pool in ("last", "mean"):
             workloads[f"{name} switch pool={pool}"] = switch(dtype, 16, 512, 2048, 200, 8, 128, pool == "last")
-            workloads[f"{name} switch pool={pool}, small head"] = switch(dtype, 3, 7, 40, 24, 3, 9, pool == "last")
+    for pool in ("last", "mean"):  # the classifier's blocks follow the head's sizes; it reads float32 features
+        workloads[f"float32 switch pool={pool}, small head"] = switch(torch.float32, 3, 7, 40, 24, 3, 9, pool == "last")
     return workloads
 
 
-def record(workloads: dict[str, tuple], sm_count: int) -> list[Launch]:
+def record(workloads: dict[str, Workload], sm_count: int) -> list[Launch]:
     launches = []
-    for workload, (run, roles) in workloads.items():
+    for name, workload in workloads.items():
         with recorded_launches(sm_count) as recorded:
-            run()
-        assert len(recorded) == len(roles), f"{workload}: {len(recorded)} launches, expected {len(roles)}"
-        launches += [Launch(kernel, args, kwargs, role, workload) for (kernel, args, kwargs), role in zip(recorded, roles)]
+            workload.run()
+        assert len(recorded) == len(workload.roles), f"{name}: {len(recorded)} launches, expected {workload.roles}"
+        launches += [Launch(kernel, args, kwargs, role, name, workload.dtype)
+                     for (kernel, args, kwargs), role in zip(recorded, workload.roles)]
     return launches
 
 
@@ -209,40 +224,52 @@ def ptxas_report(ptx: str, arch: int) -> dict:
 
 @dataclass
 class Compiled:
-    """One distinct compiled kernel and the launches that use it."""
+    """One distinct compiled kernel (a specialisation for one arch) and the launches that use it."""
 
     kernel: str
     arch: int
-    dtype: str
     constexprs: dict
-    num_warps: int
-    resources: dict
+    num_warps: int = 0
+    resources: dict = field(default_factory=dict)
+    dtypes: set = field(default_factory=set)  # of the activations of the workloads that use it
     roles: set = field(default_factory=set)
     workloads: list = field(default_factory=list)
 
     def row(self) -> dict:
-        return {"kernel": self.kernel, "arch": f"sm_{self.arch}", "dtype": self.dtype, "constexprs": self.constexprs,
-                "num_warps": self.num_warps, **self.resources, "roles": sorted(self.roles),
-                "workloads": self.workloads}
+        return {"kernel": self.kernel, "arch": f"sm_{self.arch}", "dtypes": sorted(self.dtypes),
+                "constexprs": self.constexprs, "num_warps": self.num_warps, **self.resources,
+                "roles": sorted(self.roles), "workloads": self.workloads}
 
 
-def compile_all(workloads: dict[str, tuple], log: Callable[[str], None]) -> list[Compiled]:
+_PENDING: list[tuple[int, ASTSource, dict]] = []  # what the worker processes compile, by index (forked)
+
+
+def _compile(index: int) -> dict:
+    arch, src, options = _PENDING[index]
+    binary = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return {"num_warps": binary.metadata.num_warps, "resources": {**ptxas_report(binary.asm["ptx"], arch),
+                                                                  "shared_bytes": binary.metadata.shared}}
+
+
+def compile_all(workloads: dict[str, Workload], jobs: int) -> list[Compiled]:
+    """Every distinct kernel the workloads launch, compiled for every arch (``jobs`` processes)."""
     compiled: dict[tuple, Compiled] = {}
     for arch, sm_count in SM_COUNT.items():
         for launch in record(workloads, sm_count):
             src, options = specialise(launch, arch)
             key = (arch, src.hash(), options["num_warps"], options["num_stages"])
             if key not in compiled:
-                binary = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
                 names = launch.kernel.arg_names
                 constexprs = {names[index[0]]: value for index, value in src.constants.items()}
-                compiled[key] = Compiled(launch.kernel.__name__, arch, src.signature[names[0]].lstrip("*"),
-                                         constexprs, binary.metadata.num_warps,
-                                         {**ptxas_report(binary.asm["ptx"], arch),
-                                          "shared_bytes": binary.metadata.shared})
-                log(f"sm_{arch} {launch.kernel.__name__} {compiled[key].dtype}: {compiled[key].resources}")
+                compiled[key] = Compiled(launch.kernel.__name__, arch, constexprs)
+                _PENDING.append((arch, src, options))
+            compiled[key].dtypes.add(str(launch.dtype).removeprefix("torch."))
             compiled[key].roles.add(launch.role)
             compiled[key].workloads.append(launch.workload)
+    # Forked workers read _PENDING as it is now; only indices and plain results cross processes.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        for entry, result in zip(compiled.values(), pool.map(_compile, range(len(_PENDING)))):
+            entry.num_warps, entry.resources = result["num_warps"], result["resources"]
     return list(compiled.values())
 
 
@@ -262,15 +289,33 @@ def workload_summary(workloads: list[str]) -> str:
                      f"{key} T={counts[0]}" if counts else key for key, counts in tokens.items())
 
 
+def table(compiled: list[Compiled]) -> list[list[str]]:
+    """One row per kernel, dtypes and shown constexprs; the worst registers, spills and shared memory over
+    its specialisations (the divisibility of its integer arguments) on each arch."""
+    groups: dict[tuple, list[Compiled]] = {}
+    for c in compiled:
+        shown = " ".join(f"{k}={v}" for k, v in c.constexprs.items() if k in SHOWN)
+        groups.setdefault((c.kernel, ", ".join(sorted(c.dtypes)), shown, c.num_warps), []).append(c)
+    rows = []
+    for (kernel, dtypes, shown, warps), members in sorted(groups.items()):
+        row = [kernel, ", ".join(sorted(set().union(*(c.roles for c in members)))), dtypes, shown, str(warps)]
+        for arch in SM_COUNT:
+            on_arch = [c.resources for c in members if c.arch == arch]
+            row += [str(max(r["registers"] for r in on_arch)),
+                    f"{max(r['spill_stores'] for r in on_arch)}/{max(r['spill_loads'] for r in on_arch)}",
+                    str(max(r["shared_bytes"] for r in on_arch))]
+        rows.append(row + [workload_summary([w for c in members for w in c.workloads])])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="every dtype and launch configuration (the compile test)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiling processes")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
-    workloads = check_workloads() if args.check else model_workloads()
-    compiled = compile_all(workloads, log=lambda line: print(line, flush=True))
-    compiled.sort(key=lambda c: (c.kernel, c.dtype, sorted(c.roles), str(c.constexprs), c.arch))
+    compiled = compile_all(check_workloads() if args.check else model_workloads(), args.jobs)
     spilling = [c for c in compiled if c.resources["spill_stores"] or c.resources["spill_loads"]]
 
     meta = run_metadata(torch.device("cpu"))
@@ -278,18 +323,16 @@ def main() -> None:
     meta["targets"] = ", ".join(f"sm_{arch} ({count} SMs for split-K)" for arch, count in SM_COUNT.items())
     meta["ptxas"] = ", ".join(f"sm_{arch}: {get_ptxas(arch).version}" for arch in SM_COUNT)
     meta["spills"] = "none" if not spilling else f"{len(spilling)} of {len(compiled)} compiled kernels"
-    header = ["kernel", "launches", "dtype", "constexprs", "warps", "arch", "registers", "spill st/ld (B)",
-              "stack (B)", "shared (B)", "workloads"]
-    table = [[c.kernel, ", ".join(sorted(c.roles)), c.dtype,
-              " ".join(f"{k}={v}" for k, v in c.constexprs.items() if k in SHOWN), str(c.num_warps), f"sm_{c.arch}",
-              str(c.resources["registers"]), f"{c.resources['spill_stores']}/{c.resources['spill_loads']}",
-              str(c.resources["stack_bytes"]), str(c.resources["shared_bytes"]), workload_summary(c.workloads)]
-             for c in compiled]
+    header = ["kernel", "launches", "dtype", "constexprs", "warps"]
+    header += [f"sm_{arch} {column}" for arch in SM_COUNT for column in ("registers", "spill st/ld (B)", "shared (B)")]
+    header += ["workloads"]
     name = "kernel-resources-check" if args.check else "kernel-resources"
     title = "Triton kernel resources" + (": every dispatchable configuration" if args.check else ": model shapes")
-    notes = ("Each row is one distinct compiled kernel (its specialisation: dtypes, constexprs, divisibility) "
-             "and the workloads whose launches use it; see the docstring of benchmarks/kernel_resources.py.")
-    json_path, md_path = write_results(args.out, name, title, meta, [c.row() for c in compiled], header, table, notes)
+    notes = ("Registers, spills and shared memory are the largest over the row's specialisations (the JSON lists "
+             "each compiled kernel); the workloads are those whose launches use them; dtype: the workloads' "
+             "activations. See the docstring of benchmarks/kernel_resources.py.")
+    json_path, md_path = write_results(args.out, name, title, meta, [c.row() for c in compiled], header,
+                                       table(compiled), notes)
     print(f"{len(compiled)} compiled kernels, spills: {meta['spills']}; wrote {json_path} and {md_path}")
     for c in spilling:
         print(f"SPILLS: {json.dumps(c.row())}", file=sys.stderr)

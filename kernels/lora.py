@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "TileSchedule", "LoraKernelConfig", "pick_config", "shrink_partial_shape",
+    "TileSchedule", "LoraKernelConfig", "pick_config", "cuda_config", "shrink_partial_shape",
     "lora_shrink", "lora_expand", "lora_weight_grad",
 ]
 
@@ -61,13 +61,17 @@ def _sm_count(device_index: int) -> int:
 
 
 def pick_config(max_tiles: int, reduction: int, device: torch.device) -> LoraKernelConfig:
-    """Heuristic: split the shrink's reduction until tiles × splits covers the GPU twice."""
+    """The shrink's configuration for ``device``: :func:`cuda_config` on CUDA."""
     if device.type != "cuda":
         return LoraKernelConfig()  # interpreter: fewer, larger programs run fastest
-    block_k = 64
     index = device.index if device.index is not None else torch.cuda.current_device()
-    target = 2 * _sm_count(index)
-    split_k = max(1, min(triton.cdiv(target, max(max_tiles, 1)), triton.cdiv(reduction, 4 * block_k)))
+    return cuda_config(max_tiles, reduction, _sm_count(index))
+
+
+def cuda_config(max_tiles: int, reduction: int, sm_count: int) -> LoraKernelConfig:
+    """Heuristic: split the shrink's reduction until tiles × splits covers the GPU's ``sm_count`` SMs twice."""
+    block_k = 64
+    split_k = max(1, min(triton.cdiv(2 * sm_count, max(max_tiles, 1)), triton.cdiv(reduction, 4 * block_k)))
     return LoraKernelConfig(block_k=block_k, split_k=split_k)
 
 

@@ -1,9 +1,18 @@
-"""The Triton op is a registered torch.library custom op: opcheck passes and torch.compile traces it."""
+"""Compiling the ops: the Triton op is a registered torch.library custom op (opcheck passes, torch.compile
+traces it), and every Triton kernel compiles for sm_80 and sm_90 on a machine without a GPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from conftest import DEVICE, assert_close_to_reference
 from helpers import make_problem
 
 from switchcit import build_routing_plan, lora_linear
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_opcheck(generator):
@@ -34,3 +43,27 @@ def test_torch_compile_fullgraph(generator):
     got = compiled(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.scaling, p.ranks)
     base = torch.nn.functional.linear(p.x.double(), p.weight.double(), p.bias.double())
     assert_close_to_reference(got, torch.relu(base + p.reference_delta()), torch.float32)
+
+
+def test_every_triton_kernel_compiles_for_sm80_and_sm90(tmp_path):
+    """benchmarks/kernel_resources.py --check records the launches of the Triton dispatch on meta tensors
+    for every dtype and launch configuration it can choose and compiles each with
+    ``triton.compile(..., target=GPUTarget("cuda", arch, 32))``: no GPU needed, only Triton's ptxas."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "benchmarks/kernel_resources.py", "--check", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    rows = json.loads((tmp_path / "kernel-resources-check.json").read_text())["rows"]
+    assert all(row["registers"] > 0 for row in rows)
+    kernels = ("_lora_shrink_kernel", "_lora_expand_kernel", "_lora_weight_grad_kernel", "_pool_kernel",
+               "_classify_kernel")
+    compiled = {(row["kernel"], row["arch"], dtype) for row in rows for dtype in row["dtypes"]}
+    for arch in ("sm_80", "sm_90"):
+        assert {(kernel, arch, dtype) for kernel in kernels for dtype in ("float16", "bfloat16", "float32")} <= compiled
+        expand = [row["constexprs"] for row in rows if row["arch"] == arch and row["kernel"] == "_lora_expand_kernel"]
+        assert {c["BLOCK_M"] for c in expand} == {16, 64}, "16- and 64-row tiles"
+        assert {c.get("num_splits") for c in expand} == {1, None}, "one shrink split (specialised) and several"
+        assert {c["HAS_RANKS"] for c in expand} == {c["HAS_SCALING"] for c in expand} == {True, False}
+        pool = [row["constexprs"] for row in rows if row["arch"] == arch and row["kernel"] == "_pool_kernel"]
+        assert {c["POOL_LAST"] for c in pool} == {True, False}
