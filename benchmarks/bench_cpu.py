@@ -11,8 +11,9 @@ the CPU threads torch uses. Methods, timed in one run on the same inputs:
 * ``torch``       ``lora_delta(..., backend="torch")``: the reference, for scale.
 
 Every call gets raw adapter ids, so the routing plan is built inside the timed region (as the loop
-groups its tokens inside it), and the bank is a contiguous [N, R, H] / [N, O, R] tensor pair. ``forward+backward`` differentiates x, lora_a and lora_b. Outputs and
-gradients are checked against the float64 reference before timing.
+groups its tokens inside it), and the bank is a contiguous [N, R, H] / [N, O, R] tensor pair.
+``forward+backward`` differentiates x, lora_a and lora_b. Outputs and gradients are checked against the
+float64 reference before timing.
 
     python benchmarks/bench_cpu.py            # writes benchmarks/results/cpu-lora_delta.{json,md}
 """
@@ -74,8 +75,9 @@ def main(argv=None) -> None:
             raise AssertionError(f"{name}: max error {max(errors):.3g} (bound {bound * 10:.3g})")
 
         with torch.no_grad():
-            forward = median_ms(lambda: fn(x, lora_a, lora_b, adapter_ids, scaling), args.repeats)
-        both = median_ms(lambda: fn(*leaves, adapter_ids, scaling).backward(grad_out), args.repeats)
+            forward = median_ms(lambda fn=fn: fn(x, lora_a, lora_b, adapter_ids, scaling), args.repeats)
+        both = median_ms(lambda fn=fn, leaves=leaves: fn(*leaves, adapter_ids, scaling).backward(grad_out),
+                         args.repeats)
         results[name] = {"forward": forward, "forward+backward": both, "max_abs_err": max(errors)}
         print(f"{name:10s} forward {forward:8.3f} ms   forward+backward {both:8.3f} ms", flush=True)
 

@@ -118,17 +118,19 @@ def main() -> None:
             rows.append({"retention": retention, "retained_per_task": count, "layer": layer, "accuracy": known,
                          "unseen_to_base": per_task[UNSEEN], "per_task": per_task,
                          "epochs": switch.epochs_trained, "gate_open": switch.max_distance == float("inf")})
-            print(f"retention {retention:.2%} K={layer:2d}: {known:6.2f}% right, {per_task[UNSEEN]:6.2f}% unseen → base, "
-                  f"{switch.epochs_trained} epochs", flush=True)
+            print(f"retention {retention:.2%} K={layer:2d}: {known:6.2f}% right, "
+                  f"{per_task[UNSEEN]:6.2f}% unseen → base, {switch.epochs_trained} epochs", flush=True)
 
     meta = run_metadata(torch.device("cpu")) | {
         "encoder": Path(args.encoder).name, "test_prompts": {t: len(p) for t, p in test.items()},
         "encode_seconds": round(encode_seconds, 1),
         "command": "python benchmarks/bench_switch_accuracy.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "name", "encoder", "cache")),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k not in ("out", "name", "encoder", "cache")),
     }
     header = ["retention", "retained/task", "K", "right %", "unseen → base %", *TASKS, "epochs"]
-    table = [[f"{r['retention']:.2%}", str(min(r["retained_per_task"].values())) + "–" + str(max(r["retained_per_task"].values())),
+    table = [[f"{r['retention']:.2%}",
+              str(min(r["retained_per_task"].values())) + "–" + str(max(r["retained_per_task"].values())),
               str(r["layer"]), f"{r['accuracy']:.2f}", f"{r['unseen_to_base']:.2f}",
               *(f"{r['per_task'][t]:.1f}" for t in TASKS), str(r["epochs"])] for r in rows]
     write_results(args.out, args.name, "Switch accuracy by switch layer K and retention", meta, rows, header, table,

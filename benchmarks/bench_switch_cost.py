@@ -86,7 +86,8 @@ def measure(base_folder: str, layer: int, batch: int, seq_len: int, repeats: int
         ms = interleaved_ms({
             "prefill, adapters given": lambda: pipeline.generate_ids(prompts, limits, stops, explicit),
             "prefill, switch routes at layer K": lambda: pipeline.generate_ids(prompts, limits, stops),
-            "switch op alone (pool + MLP + gate + ids)": lambda: switch_route(hidden, hidden, mask, head, task_to_adapter),
+            "switch op alone (pool + MLP + gate + ids)":
+                lambda: switch_route(hidden, hidden, mask, head, task_to_adapter),
             "routing plan alone": lambda: build_routing_plan(token_ids, len(ADAPTERS)),
         }, repeats)
     given, routed = ms["prefill, adapters given"], ms["prefill, switch routes at layer K"]

@@ -19,7 +19,8 @@ from torch import nn
 from switchcit.modules import MultiLoraLinear, RoutingContext, attach_context
 from switchcit.peft_patch import CONTEXT_ATTR
 
-__all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "adapter_layers", "load_adapters", "routing_context", "save_adapter", "set_adapters"]
+__all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "adapter_layers", "load_adapters", "routing_context", "save_adapter",
+           "set_adapters"]
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"

@@ -64,7 +64,8 @@ def _short(text: str, width: int = 100) -> str:
 
 
 def add_command(commands) -> None:
-    parser = commands.add_parser("demo", help="continual tuning of SmolLM2-135M on a short task stream, then a mixed batch",
+    parser = commands.add_parser("demo",
+                                 help="continual tuning of SmolLM2-135M on a short task stream, then a mixed batch",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("SWITCHCIT_DATA", "../shared/data/cit"),
                         help="folder of the CIT tasks (default ../shared/data/cit; chatterbot-corpus when absent)")

@@ -160,7 +160,8 @@ class MultiLoraLinear(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         """Adapters with weights in this layer."""
-        return [n for i, n in enumerate(self.context.names) if n is not None and i < len(self.ranks) and self.ranks[i] > 0]
+        return [n for i, n in enumerate(self.context.names)
+                if n is not None and i < len(self.ranks) and self.ranks[i] > 0]
 
     def add_adapter(
         self, name: str, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None, *,
@@ -235,4 +236,5 @@ class MultiLoraLinear(nn.Module):
         return lora_delta(x, self.lora_a, self.lora_b, routing, self.scaling, out=out, ranks=self.ranks)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, adapters={self.adapter_names}, max_rank={self.lora_a.shape[1]}"
+        return (f"in={self.in_features}, out={self.out_features}, adapters={self.adapter_names}, "
+                f"max_rank={self.lora_a.shape[1]}")

@@ -52,14 +52,16 @@ def accelerate(model: nn.Module) -> nn.Module:
             skipped.append(f"{name} ({reason})")
             continue
         if _BANK_ATTR not in module.__dict__:
-            module.__dict__[_BANK_ATTR] = _PeftBank(module, context, peft_routing)  # not a submodule: no state_dict entry
+            # not a submodule: no state_dict entry
+            module.__dict__[_BANK_ATTR] = _PeftBank(module, context, peft_routing)
             module.forward = types.MethodType(_accelerated_forward, module)
         accelerated += 1
     setattr(model, CONTEXT_ATTR, attach_context(model, context))
     model.__dict__[_ROUTING_ATTR] = peft_routing
     model.switchcit_accelerated_layers = accelerated
     if skipped:
-        warnings.warn(f"switchcit: {len(skipped)} LoRA layer(s) stay on PEFT's path: {', '.join(skipped)}", stacklevel=2)
+        warnings.warn(f"switchcit: {len(skipped)} LoRA layer(s) stay on PEFT's path: {', '.join(skipped)}",
+                      stacklevel=2)
     logger.info("switchcit: %d LoRA layers accelerated, %d left to PEFT", accelerated, len(skipped))
     return model
 
@@ -169,8 +171,8 @@ class _PeftBank:
         module = self.module
         weights = [(module.lora_A[n].weight, module.lora_B[n].weight) for n in module.lora_A]
         needs_graph = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in weights)
-        key = (dtype, module.base_layer.weight.device, len(self.context.names), tuple(module.lora_A), tuple(module.scaling.values()),
-               tuple((a._version, b._version) for a, b in weights))
+        key = (dtype, module.base_layer.weight.device, len(self.context.names), tuple(module.lora_A),
+               tuple(module.scaling.values()), tuple((a._version, b._version) for a, b in weights))
         if needs_graph or key != self._key:
             for name in module.lora_A:
                 self.context.add(name)  # adapters added to the PeftModel after accelerate

@@ -61,7 +61,8 @@ class SwitchModel:
             switch.check_model(self.network)
             layers = decoder_layers(self.network)
             self._hooks = [layers[0].register_forward_pre_hook(self._keep_embeddings, with_kwargs=True),
-                           layers[switch.layer].register_forward_pre_hook(self._route_at_switch_layer, with_kwargs=True)]
+                           layers[switch.layer].register_forward_pre_hook(self._route_at_switch_layer,
+                                                                          with_kwargs=True)]
 
     @classmethod
     def from_pretrained(cls, base: str | Path, adapters: dict[str, str | Path], switch: str | Path | None = None,
@@ -165,7 +166,8 @@ class SwitchModel:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], adapters: Sequence[str | None] | None = None, *,
-                 max_new_tokens: int = 64, chat: bool = True, batch_size: int = 16) -> tuple[list[str], list[str | None]]:
+                 max_new_tokens: int = 64, chat: bool = True,
+                 batch_size: int = 16) -> tuple[list[str], list[str | None]]:
         """Greedy answers for ``prompts`` and the adapter each went to (``None``: base model).
         ``adapters``: a name (or ``None``) per prompt; by default the switch picks. Mixed batches of
         ``batch_size`` prompts of similar length (less padding); answers in input order."""
@@ -183,7 +185,8 @@ class SwitchModel:
             new_tokens, routed = self.generate_ids([rows[i] for i in batch], [max_new_tokens] * len(batch), stops, ids,
                                                    spans=[spans[i] for i in batch])
             for i, tokens, adapter in zip(batch, new_tokens, self.adapter_names(routed)):
-                texts[i] = self.tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True).strip()
+                texts[i] = self.tokenizer.decode([t for t in tokens if t not in stops],
+                                                 skip_special_tokens=True).strip()
                 chosen[i] = adapter
         return texts, chosen
 
@@ -221,7 +224,8 @@ class SwitchModel:
                                      past_key_values=cache, use_cache=True, logits_to_keep=1)
         used = self.context.sequence_ids.to(torch.int32)
         try:
-            tokens = self._decode(logits[:, -1], attention_mask, cache, torch.tensor(list(max_new_tokens), device=device),
+            tokens = self._decode(logits[:, -1], attention_mask, cache,
+                                  torch.tensor(list(max_new_tokens), device=device),
                                   torch.tensor(list(stop_ids), device=device))
         finally:
             self.context.assign(None)

@@ -52,7 +52,8 @@ def read_run(folder: str | Path) -> RunManifest:
     if not (folder / MANIFEST).is_file() and (folder / SERVE_FOLDER / MANIFEST).is_file():
         folder = folder / SERVE_FOLDER
     if not (folder / MANIFEST).is_file():
-        raise FileNotFoundError(f"{folder} is not a SwitchCIT run: no {MANIFEST} in it or in its {SERVE_FOLDER}/ folder")
+        raise FileNotFoundError(f"{folder} is not a SwitchCIT run: no {MANIFEST} in it "
+                                f"or in its {SERVE_FOLDER}/ folder")
     manifest = json.loads((folder / MANIFEST).read_text())
     return RunManifest(
         folder=folder, base=manifest["base"], tasks=list(manifest["tasks"]),

@@ -32,7 +32,8 @@ from switchcit.ops import SwitchHead
 from switchcit.ops.naive import classify_reference, gate_distance
 from switchcit.prompts import content_mask, pad, prompt_tokens
 
-__all__ = ["Switch", "check_layer", "decoder_layers", "encode_features", "encode_layers", "load_encoder", "model_signature"]
+__all__ = ["Switch", "check_layer", "decoder_layers", "encode_features", "encode_layers", "load_encoder",
+           "model_signature"]
 
 SWITCH_WEIGHTS = "switch.safetensors"
 SWITCH_CONFIG = "switch.json"
@@ -79,7 +80,8 @@ class Switch:
     would clash with ``nn.Module.train(mode)``. The classifier itself is ``self.mlp``.
     """
 
-    _TENSORS = ("feature_mean", "feature_scale", "gate_feature_mean", "gate_feature_scale", "class_means", "gate_components")
+    _TENSORS = ("feature_mean", "feature_scale", "gate_feature_mean", "gate_feature_scale", "class_means",
+                "gate_components")
 
     def __init__(self, tasks: Sequence[str], feature_dim: int, hidden: int = 200, layer: int = 0):
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
@@ -113,7 +115,8 @@ class Switch:
         ``layer`` of ``encoder`` (a transformers model, or a folder to load one and its tokenizer from).
         ``fit_options``: see :meth:`fit`."""
         if len(prompts) != len(task_labels) or not prompts:
-            raise ValueError(f"need as many task labels as prompts (got {len(prompts)} and {len(task_labels)}), at least one")
+            raise ValueError(f"need as many task labels as prompts (got {len(prompts)} and {len(task_labels)}), "
+                             f"at least one")
         encoder, tokenizer = load_encoder(encoder, tokenizer)
         check_layer(layer, encoder)
         features, gate_features = encode_features(list(prompts), encoder, tokenizer, layer)
@@ -154,9 +157,9 @@ class Switch:
                 with torch.no_grad():
                     loss = float(nn.functional.cross_entropy(switch.mlp(inputs), labels))
                 best, since_best = (loss, 0) if loss < 0.99 * best else (best, since_best + 1)
+                switch.epochs_trained = epoch
                 if loss < min_loss or since_best >= patience:
                     break
-        switch.epochs_trained = epoch
         switch.mlp.eval()
         switch.gate_feature_mean, switch.gate_feature_scale, gate_inputs = _standardise(gate_features)
         switch.class_means, switch.gate_components, switch.gate_scale = fit_gate(gate_inputs, labels, len(tasks))
@@ -219,7 +222,8 @@ class Switch:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"mlp.{k}": v for k, v in self.mlp.state_dict().items()} | {k: getattr(self, k) for k in self._TENSORS}
+        tensors = ({f"mlp.{k}": v for k, v in self.mlp.state_dict().items()}
+                   | {k: getattr(self, k) for k in self._TENSORS})
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(folder / SWITCH_WEIGHTS))
         encoder_path = getattr(getattr(self.encoder, "config", None), "_name_or_path", None)
         config = {
@@ -308,7 +312,8 @@ class _ReachedLayer(Exception):
     """Raised by the early-exit hook: the encoder pass has what it needs."""
 
 
-def encode_features(prompts: Sequence[str], encoder, tokenizer, layer: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_features(prompts: Sequence[str], encoder, tokenizer, layer: int,
+                    **options) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features, gate_features)``, float32 ``[len(prompts), D]``: the mean of decoder layer ``layer``'s
     input and of the input embeddings over each prompt's own tokens; the pass stops at layer ``layer``."""
     check_layer(layer, encoder)

@@ -74,7 +74,8 @@ def build_run(root: Path, base_folder: Path | None = None, rank: int = 4) -> Pat
     labels = [task for task in TASKS for _ in task_prompts(task, TRAINED_TOPICS)]
     switch = Switch.train(prompts, labels, encoder=encoder)
     switch.save(run / "switch")
-    write_run_manifest(run, base_folder, {task: run / "adapters" / task for task in TASKS}, run / "switch", switch.layer)
+    write_run_manifest(run, base_folder, {task: run / "adapters" / task for task in TASKS}, run / "switch",
+                       switch.layer)
     return root / "run"
 
 

@@ -1,5 +1,5 @@
-"""The model benchmarks run end to end. bench_model.py's ``--smoke`` run (tiniest Llama, float32, CPU) checks switchcit's
-logits against PEFT's, times every method on every batch and writes the JSON and markdown reports."""
+"""The model benchmarks run end to end. bench_model.py's ``--smoke`` run (tiniest Llama, float32, CPU) checks
+switchcit's logits against PEFT's, times every method on every batch and writes the JSON and markdown reports."""
 import json
 import math
 import subprocess

@@ -54,7 +54,8 @@ def test_routed_prefill_in_one_cuda_graph(generator, tmp_path):
 
     from switchcit import Switch, SwitchModel, load_adapters
 
-    with_adapters(tiny_llama(), [("a", 4, 8, ["q_proj", "v_proj"]), ("b", 4, 8, ["q_proj", "v_proj"])]).save_pretrained(tmp_path)
+    with_adapters(tiny_llama(), [("a", 4, 8, ["q_proj", "v_proj"]),
+                                 ("b", 4, 8, ["q_proj", "v_proj"])]).save_pretrained(tmp_path)
     model = load_adapters(tiny_llama(), {t: tmp_path / t for t in ("a", "b")}).cuda().eval()
     vocab = model.config.vocab_size
 

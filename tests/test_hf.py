@@ -97,12 +97,14 @@ def test_accelerate_is_idempotent_and_restore_gives_peft_back(generator):
     assert not hasattr(model, "switchcit_context")
     assert all(not k.startswith("_switchcit") for k in model.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=input_ids, attention_mask=mask, adapter_names=NAMES).logits, expected)
+        torch.testing.assert_close(model(input_ids=input_ids, attention_mask=mask, adapter_names=NAMES).logits,
+                                   expected)
 
 
 def test_adapter_added_after_accelerate(generator):
     model = accelerate(with_adapters(tiny_llama(), ADAPTERS[:2]))
-    model.add_adapter("haiku", peft.LoraConfig(r=2, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False))
+    model.add_adapter("haiku", peft.LoraConfig(r=2, lora_alpha=8, target_modules=LLAMA_TARGETS,
+                                               init_lora_weights=False))
     # No second accelerate(): the new adapter joins the bank on the next forward.
     input_ids, mask = batch(generator)
     with torch.no_grad():
@@ -123,7 +125,8 @@ def test_unservable_layers_stay_on_peft_with_one_warning(generator):
     assert len(record) == 1 and "q_proj" in str(record[0].message)
     assert model.switchcit_accelerated_layers == 12
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=input_ids, attention_mask=mask).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(input_ids=input_ids, attention_mask=mask).logits, expected,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_gpt2_conv1d_layers(generator):
@@ -203,7 +206,8 @@ def test_real_smollm2_mixed_batch_and_generate(smollm2_folder):
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     base = transformers.AutoModelForCausalLM.from_pretrained(smollm2_folder).eval()
     targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
-    model = with_adapters(base, [("simplify", 8, 16, targets), ("explain", 4, 8, targets), ("haiku", 16, 16, ["q_proj"])])
+    model = with_adapters(base, [("simplify", 8, 16, targets), ("explain", 4, 8, targets),
+                                 ("haiku", 16, 16, ["q_proj"])])
     prompts = ["Simplify: The committee deliberated at length.", "Explain why the sky is blue.",
                "Write a haiku about rain.", "Is water wet? Answer Yes or No."]
     names = ["simplify", "explain", "haiku", "__base__"]
@@ -225,7 +229,8 @@ def test_plain_forward_after_an_adapter_is_added(generator):
     input_ids, mask = batch(generator)
     with torch.no_grad():
         model(input_ids=input_ids, attention_mask=mask)  # plans cached for two adapters
-        model.add_adapter("haiku", peft.LoraConfig(r=2, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False))
+        model.add_adapter("haiku", peft.LoraConfig(r=2, lora_alpha=8, target_modules=LLAMA_TARGETS,
+                                                   init_lora_weights=False))
         got = model(input_ids=input_ids, attention_mask=mask).logits  # active adapter: simplify
         restore(model)
         expected = model(input_ids=input_ids, attention_mask=mask).logits

@@ -66,7 +66,8 @@ def test_layers_share_context_and_plan(generator):
     ids = torch.tensor([0] * 4 + [1] * 4)
     h = first.base_layer(x).reshape(8, 20) + lora_delta_reference(
         x.reshape(8, 24), first.lora_a, first.lora_b, ids, first.scaling, first.ranks)
-    expected = second.base_layer(h) + lora_delta_reference(h, second.lora_a, second.lora_b, ids, second.scaling, second.ranks)
+    expected = second.base_layer(h) + lora_delta_reference(
+        h, second.lora_a, second.lora_b, ids, second.scaling, second.ranks)
     torch.testing.assert_close(y.reshape(8, 24), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -15,9 +15,11 @@ from switchcit.switch import Switch  # noqa: E402
 
 TASKS = {
     "haiku": ["Write a haiku about {}.", "Compose a haiku on the topic of {}.", "Give me a haiku that mentions {}."],
-    "simplify": ["Simplify this sentence: {} is remarkably complicated.", "Rewrite in plain words: the {} was ameliorated.",
+    "simplify": ["Simplify this sentence: {} is remarkably complicated.",
+                 "Rewrite in plain words: the {} was ameliorated.",
                  "Make this easier to read: notwithstanding the {}, it proceeded."],
-    "factcheck": ["Is this claim true? {} cures the flu. Answer Yes or No.", "Claim: {} prevents infection. True or false?",
+    "factcheck": ["Is this claim true? {} cures the flu. Answer Yes or No.",
+                  "Claim: {} prevents infection. True or false?",
                   "Fact check, Yes or No: {} was approved last year."],
 }
 TOPICS = ["rain", "autumn", "the sea", "a garden", "coffee", "winter", "mountains", "a vaccine"]
@@ -42,7 +44,8 @@ def test_pool_features_last_and_mean():
     hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])  # left and right padding
     torch.testing.assert_close(pool_features(hidden, mask, "last"), torch.stack([hidden[0, 3], hidden[1, 1]]))
-    torch.testing.assert_close(pool_features(hidden, mask, "mean"), torch.stack([hidden[0, 1:].mean(0), hidden[1, :2].mean(0)]))
+    torch.testing.assert_close(pool_features(hidden, mask, "mean"),
+                               torch.stack([hidden[0, 1:].mean(0), hidden[1, :2].mean(0)]))
 
 
 @pytest.mark.parametrize("layer", [0, 3])
@@ -270,7 +273,8 @@ def test_switch_on_the_real_tasks_routes_right_and_sends_an_unseen_task_to_base(
 
     tasks = ["simplification", "explanation", "haiku", "covidfact"]
     retained = {t: retained_sample([e.prompt for e in load_task(CIT_DATA / t, "train")], 0.01) for t in tasks}
-    switch = Switch.train([p for t in tasks for p in retained[t]], [t for t in tasks for _ in retained[t]], encoder=encoder)
+    switch = Switch.train([p for t in tasks for p in retained[t]], [t for t in tasks for _ in retained[t]],
+                          encoder=encoder)
     test = {t: retained_sample([e.prompt for e in load_task(CIT_DATA / t, "test")], 1.0, seed=1)[:40] for t in tasks}
     routed = switch.route([p for t in tasks for p in test[t]])
     right = sum(r == t for r, t in zip(routed, [t for t in tasks for _ in test[t]]))

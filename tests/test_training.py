@@ -23,8 +23,8 @@ from switchcit.cit.config import TrainConfig  # noqa: E402
 from switchcit.cit.trainer import train  # noqa: E402
 
 TASKS = ["greetings", "science"]
-SMALL = ["--steps", "8", "--batch-size", "4", "--eval-examples", "3", "--max-new-tokens", "3", "--checkpoint-every", "2",
-         "--retention", "0.5", "--max-length", "96", "--switch-layer", "1"]
+SMALL = ["--steps", "8", "--batch-size", "4", "--eval-examples", "3", "--max-new-tokens", "3",
+         "--checkpoint-every", "2", "--retention", "0.5", "--max-length", "96", "--switch-layer", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,8 @@ def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def results(run_dir: Path) -> dict:
-    return {m.name: json.loads((m / "results.json").read_text()) for m in sorted(run_dir.iterdir()) if (m / "results.json").is_file()}
+    return {m.name: json.loads((m / "results.json").read_text()) for m in sorted(run_dir.iterdir())
+            if (m / "results.json").is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +214,8 @@ def test_target_loss_reads_only_the_logits_it_needs(generator):
     labels[2, 10:] = IGNORE  # padding
     logits = model(input_ids=input_ids).logits[:, :-1]
     targets = labels[:, 1:]
-    token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE,
+                                                   reduction="none")
     expected = (token_loss.sum(1) / (targets != IGNORE).sum(1)).mean()
     torch.testing.assert_close(target_loss(model, input_ids, labels, torch.ones_like(input_ids)), expected)
 

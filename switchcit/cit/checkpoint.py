@@ -74,8 +74,9 @@ def resume(method_dir: Path, adapter: str, stage: int, params: dict[str, torch.n
         if continues or optimizer is None:
             return 0
         for name, p in params.items():
-            optimizer.state[p] = {key: f.get_tensor(f"optim/{name}/{key}").reshape(() if key == "step" else p.shape).to(p.device)
-                                  for key in ("step", "exp_avg", "exp_avg_sq")}
+            optimizer.state[p] = {
+                key: f.get_tensor(f"optim/{name}/{key}").reshape(() if key == "step" else p.shape).to(p.device)
+                for key in ("step", "exp_avg", "exp_avg_sq")}
         step = int(meta["step"])
     logger.info("resuming %s at step %d", adapter, step)
     return step

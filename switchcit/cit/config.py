@@ -28,7 +28,8 @@ def _setting(default, help: str, **extra):
 class TrainConfig:
     base: str = _setting("", "base model folder (transformers format)", required=True)
     tasks: list[str] = _setting([], "tasks in stream order: DIR[,DIR...]; a DIR holds train.jsonl and test.jsonl; "
-                                    "hf:NAME[:CONFIG] names a Hugging Face dataset (train and test splits)", required=True)
+                                    "hf:NAME[:CONFIG] names a Hugging Face dataset (train and test splits)",
+                                required=True)
     out: str = _setting("", "run folder (re-run the same command to continue it)", required=True)
     methods: list[str] = _setting(["switchcit", "sequential"], f"comma-separated, of: {', '.join(METHODS)}")
     steps: int = _setting(100, "optimizer steps per task (multitask: steps × tasks)")
@@ -65,13 +66,15 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 < self.retention <= 1 and 0 <= self.dropout < 1):
-            raise ValueError(f"need lr > 0, 0 < retention ≤ 1, 0 ≤ dropout < 1 (got {self.lr}, {self.retention}, {self.dropout})")
+            raise ValueError(f"need lr > 0, 0 < retention ≤ 1, 0 ≤ dropout < 1 "
+                             f"(got {self.lr}, {self.retention}, {self.dropout})")
         model_config = Path(self.base) / "config.json"
         if not model_config.is_file():
             raise FileNotFoundError(f"base model folder {self.base} has no config.json")
         layers = json.loads(model_config.read_text()).get("num_hidden_layers")
         if layers is not None and not 0 <= self.switch_layer < layers:
-            raise ValueError(f"--switch-layer {self.switch_layer} is outside [0, {layers}) for this {layers}-layer model")
+            raise ValueError(f"--switch-layer {self.switch_layer} is outside [0, {layers}) "
+                             f"for this {layers}-layer model")
         names = self.task_names
         if len(set(names)) != len(names):
             raise ValueError(f"task folder names must differ (they name the adapters): {names}")

@@ -153,7 +153,8 @@ def retained_sample(items: Sequence, fraction: float, seed: int = 0) -> list:
     return [items[i] for i in order[: max(1, round(fraction * len(items)))]]
 
 
-def chatterbot_dialogues(categories: Sequence[str] | None = None, language: str = "english") -> dict[str, list[tuple[str, str]]]:
+def chatterbot_dialogues(categories: Sequence[str] | None = None,
+                         language: str = "english") -> dict[str, list[tuple[str, str]]]:
     """``{category: [(utterance, reply), ...]}`` from chatterbot-corpus's YAML files (real dialogues,
     offline). Multi-turn conversations give one pair per consecutive turn."""
     try:

@@ -71,10 +71,12 @@ class Trainer:
         self.model.delete_adapter("unused")  # adapters are added per method and task below
         self.pipeline = SwitchModel(self.model, self.tokenizer)
         self.tasks = config.task_names
-        self.train_sets = {n: load_task(t, "train", config.fields, config.train_examples) for n, t in zip(self.tasks, config.tasks)}
+        self.train_sets = {n: load_task(t, "train", config.fields, config.train_examples)
+                           for n, t in zip(self.tasks, config.tasks)}
         self.eval_sets = {n: _sample(load_task(t, "test", config.fields), config.eval_examples, config.seed)
                           for n, t in zip(self.tasks, config.tasks)}
-        self.retained = {n: retained_sample(examples, config.retention, config.seed) for n, examples in self.train_sets.items()}
+        self.retained = {n: retained_sample(examples, config.retention, config.seed)
+                         for n, examples in self.train_sets.items()}
 
     # ------------------------------------------------------------------ the stream
 
@@ -213,7 +215,8 @@ class Trainer:
         if method.routing == "switch":
             accuracy = routing_accuracy(predictions, self.tasks[: stage + 1])
             logger.info("[%s] switch accuracy %.2f%%", method.name, accuracy)
-        logger.info("[%s] after %s: %s", method.name, self.tasks[stage], ", ".join(f"{t} {s:.2f}" for t, s in scores.items()))
+        logger.info("[%s] after %s: %s", method.name, self.tasks[stage],
+                    ", ".join(f"{t} {s:.2f}" for t, s in scores.items()))
         _barrier()
         return [scores[t] for t in self.tasks], accuracy
 
