@@ -24,8 +24,8 @@ import json
 from pathlib import Path
 
 import torch
-from common import REPO, median_ms, peft_mixed_batch_loop, run_metadata
 
+from common import REPO, median_ms, peft_mixed_batch_loop, run_metadata
 from switchcit.ops import lora_delta
 from switchcit.ops.naive import lora_delta_reference
 

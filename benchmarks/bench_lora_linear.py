@@ -49,14 +49,14 @@ import json
 import math
 import re
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from common import REPO, WrongResult, capture, device_tag, median_ms, peft_mixed_batch_loop, run_metadata, warm_up
-
 from switchcit.ops import lora_linear
 from switchcit.ops.naive import lora_delta_reference
 from switchcit.ops.routing import RoutingPlan, build_routing_plan

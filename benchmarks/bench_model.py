@@ -45,16 +45,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
-from common import REPO, WrongResult, capture, device_tag, median_ms, run_metadata, warm_up
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import switchcit
+from common import REPO, WrongResult, capture, device_tag, median_ms, run_metadata, warm_up
 from switchcit.ops import select_backend
 
 PEFT_ROWS = ("base", "peft_1", "peft_mixed_2", "peft_mixed_8")

@@ -46,8 +46,8 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import REPO, run_metadata
 
+from common import REPO, run_metadata
 from switchcit.pipeline import SwitchModel
 from switchcit.serving.app import create_app
 from switchcit.serving.batcher import Batcher

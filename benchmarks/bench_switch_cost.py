@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import run_metadata, write_results
 
+from common import run_metadata, write_results
 from switchcit import load_adapters
 from switchcit.ops import build_routing_plan, switch_route
 from switchcit.pipeline import SwitchModel

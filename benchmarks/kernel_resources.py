@@ -40,7 +40,6 @@ os.environ.pop("TRITON_INTERPRET", None)  # compiled for GPUs: the interpreter w
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from common import run_metadata, write_results  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability  # noqa: E402
@@ -49,6 +48,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import switchcit.kernels.lora as lora_kernels  # noqa: E402
 import switchcit.kernels.switch as switch_kernels  # noqa: E402
+from common import run_metadata, write_results  # noqa: E402
 from switchcit.kernels import fused_switch_route  # noqa: E402
 from switchcit.ops.routing import build_routing_plan  # noqa: E402
 from switchcit.ops.triton import TritonKernels  # noqa: E402

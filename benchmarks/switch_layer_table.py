@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from common import REPO, run_metadata, write_results
 
 TASKS = ("covidfact", "haiku", "simplification", "explanation")

@@ -25,7 +25,7 @@ from torch import nn
 from switchcit.modules import NO_ADAPTER, MultiLoraLinear
 from switchcit.ops import switch_route
 from switchcit.prompts import content_mask, pad, prompt_tokens
-from switchcit.switch import Switch, decoder_layers, encode_features
+from switchcit.switch import Switch, decoder_layers
 
 __all__ = ["SwitchModel", "lowest_adapted_layer"]
 

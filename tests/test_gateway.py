@@ -18,8 +18,8 @@ pytest.importorskip("peft")
 
 from serve_fixtures import TASKS, TOPICS, serving, stub_upstream, task_prompts, tiny_run  # noqa: E402
 
-from switchcit.serving.gateway import create_gateway  # noqa: E402
 from switchcit.runs import read_run  # noqa: E402
+from switchcit.serving.gateway import create_gateway  # noqa: E402
 from switchcit.switch import Switch  # noqa: E402
 
 UPSTREAM_BASE = "smollm-base"  # what the stub calls the base model

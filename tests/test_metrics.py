@@ -9,7 +9,15 @@ from sacrebleu import corpus_bleu
 
 from switchcit.cit.data import Example
 from switchcit.cit.metrics import (
-    bleu, continual_metrics, corpus_sari, main_metric, results_dict, rouge, sari, score_task, yes_no_accuracy,
+    bleu,
+    continual_metrics,
+    corpus_sari,
+    main_metric,
+    results_dict,
+    rouge,
+    sari,
+    score_task,
+    yes_no_accuracy,
 )
 
 # Counts per order n: (correct, by the prediction, by the references); P = correct / by prediction,

@@ -18,8 +18,8 @@ pytest.importorskip("chatterbot_corpus")
 
 from serve_fixtures import tiny_llama_base  # noqa: E402
 
-from switchcit.cit.data import write_chatterbot_tasks  # noqa: E402
 from switchcit.cit.config import TrainConfig  # noqa: E402
+from switchcit.cit.data import write_chatterbot_tasks  # noqa: E402
 from switchcit.cit.trainer import train  # noqa: E402
 
 TASKS = ["greetings", "science"]
@@ -165,7 +165,7 @@ def test_bad_configs_fail_before_training(stream, tmp_path):
         r"--switch-layer 2 is outside \[0, 2\)": dict(switch_layer=2),
     }
     for message, change in cases.items():
-        config = TrainConfig(base=str(base), tasks=[str(t) for t in tasks], out=str(tmp_path / "out")) 
+        config = TrainConfig(base=str(base), tasks=[str(t) for t in tasks], out=str(tmp_path / "out"))
         for key, value in change.items():
             setattr(config, key, value)
         with pytest.raises((ValueError, FileNotFoundError), match=message):

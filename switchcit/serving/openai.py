@@ -2,9 +2,9 @@
 model names (``auto``: the switch picks; ``base``: no adapter — the only place that name exists),
 error responses in OpenAI's shape, ``/v1/models`` and ``/health`` bodies."""
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from collections.abc import Sequence
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
