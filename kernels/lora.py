@@ -24,7 +24,7 @@ interpreter cannot load pointers). Offsets that can pass 2³¹ (token × stride)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import NamedTuple
 
 import torch
@@ -55,7 +55,7 @@ class LoraKernelConfig:
     num_warps: int = 4
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -166,7 +166,8 @@ def _lora_shrink_kernel(
             k = k0 + tl.arange(0, BLOCK_K)
             k_mask = k < k_end
             src_tile = tl.load(src_rows + k[None, :] * stride_sk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w_tile = tl.load(weight_rows + k[:, None] * stride_wk, mask=k_mask[:, None] & (r < rank)[None, :], other=0.0)
+            w_tile = tl.load(weight_rows + k[:, None] * stride_wk, mask=k_mask[:, None] & (r < rank)[None, :],
+                             other=0.0)
             acc += _dot(src_tile, w_tile, DOT_FP32)
     # Always written (zeros past the rank) so consumers may read every column.
     partial = partial_ptr + split * stride_ps + rows[:, None].to(tl.int64) * stride_pt + r[None, :]

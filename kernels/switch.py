@@ -114,8 +114,8 @@ def _classify_kernel(
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < features
         class_mean = tl.load(class_means_ptr + task * stride_cn + d * stride_cd, mask=d_mask, other=0.0)
-        offset = tl.where(d_mask, _normalised(gate_pooled_ptr + row * features, gate_mean_ptr, gate_scale_ptr, d, d_mask)
-                          - class_mean, 0.0)
+        gate_input = _normalised(gate_pooled_ptr + row * features, gate_mean_ptr, gate_scale_ptr, d, d_mask)
+        offset = tl.where(d_mask, gate_input - class_mean, 0.0)
         squared += tl.sum(offset * offset, axis=0)
         c = tl.load(components_ptr + components[:, None] * stride_kk + d[None, :] * stride_kd,
                     mask=components_mask[:, None] & d_mask[None, :], other=0.0)

@@ -120,8 +120,9 @@ def classify_reference(features: torch.Tensor, gate_features: torch.Tensor, head
 
 def route_reference(hidden: torch.Tensor, embeddings: torch.Tensor, attention_mask: torch.Tensor, head: SwitchHead,
                     task_to_adapter: torch.Tensor, pool: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch spec of the fused kernel (``switchcit.kernels.fused_switch_route``, dispatched by :func:`switchcit.ops.switch_route`): pool
-    ``hidden`` (``pool``: last/mean) for the classifier and ``embeddings`` (mean) for the gate →
+    """Plain-PyTorch spec of the fused kernel (``switchcit.kernels.fused_switch_route``, dispatched by
+    :func:`switchcit.ops.switch_route`): pool ``hidden`` (``pool``: last/mean) for the classifier and
+    ``embeddings`` (mean) for the gate →
     ``(adapter id per sequence [B], per token [B, S])``, −1 for the base model."""
     task = classify_reference(pool_features(hidden.float(), attention_mask, pool),
                               pool_features(embeddings.float(), attention_mask, "mean"), head)

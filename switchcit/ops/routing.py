@@ -56,7 +56,7 @@ class RoutingPlan:
     def device(self) -> torch.device:
         return self.sorted_token_ids.device
 
-    def with_tiles(self) -> "RoutingPlan":
+    def with_tiles(self) -> RoutingPlan:
         """This plan with its tile schedule (the Triton kernels need it, the CPU kernels do not)."""
         if self.tile_adapter is not None:
             return self

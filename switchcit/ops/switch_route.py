@@ -29,7 +29,9 @@ def switch_route(hidden: torch.Tensor, embeddings: torch.Tensor, attention_mask:
     if dim != head.w1.shape[1] or dim != head.class_means.shape[1]:
         raise ValueError(f"the switch reads {head.w1.shape[1]}-d features, got {dim}-d hidden states")
     if task_to_adapter.shape != (head.w2.shape[0],):
-        raise ValueError(f"task_to_adapter needs one id per task ({head.w2.shape[0]}), got {tuple(task_to_adapter.shape)}")
+        raise ValueError(
+            f"task_to_adapter needs one id per task ({head.w2.shape[0]}), got {tuple(task_to_adapter.shape)}"
+        )
     if pool not in ("last", "mean"):
         raise ValueError(f"pool must be 'last' or 'mean', got {pool!r}")
     head = head.to(hidden.device)

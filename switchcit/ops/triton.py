@@ -54,7 +54,8 @@ def lora_expand_(
 
 
 @lora_expand_.register_fake
-def _(dst, partial, weight, sorted_token_ids, adapter_offsets, tile_adapter, tile_start, block_m, scaling, scale, ranks):
+def _(dst, partial, weight, sorted_token_ids, adapter_offsets, tile_adapter, tile_start, block_m, scaling, scale,
+      ranks):
     return None
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import DEVICE, assert_close_to_reference
+from helpers import BACKEND_DTYPES, BACKENDS, Problem, backend_device, make_problem
 from hypothesis import given
 from hypothesis import strategies as st
-from helpers import BACKEND_DTYPES, BACKENDS, Problem, backend_device, make_problem
 
 import switchcit.kernels
 from switchcit import build_routing_plan, lora_delta, lora_linear
