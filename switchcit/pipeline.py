@@ -56,7 +56,7 @@ class SwitchModel:
         """A (new) switch: its layer gets the routing hook, the layer of another switch loses it."""
         for hook in self._hooks:
             hook.remove()
-        self._hooks, self._switch = [], switch
+        self._hooks, self._switch, self._switch_cache = [], switch, (None, None)
         if switch is not None:
             switch.check_model(self.network)
             layers = decoder_layers(self.network)
@@ -118,7 +118,7 @@ class SwitchModel:
         the mask of each prompt's own tokens), on the device, from an encoder pass that stops at the
         switch's layer (every token on the base model)."""
         self._require_switch()
-        self.context.assign(None)
+        self.context.assign(torch.full((len(input_ids),), NO_ADAPTER, device=input_ids.device))  # base only
         self._routing = {"content": content, "routed": None, "explicit": None}
         try:
             self.network(input_ids=input_ids, attention_mask=attention_mask,
@@ -136,6 +136,14 @@ class SwitchModel:
         content = content_mask([len(r) for r in rows], spans, input_ids.shape[1], device=self._device)
         return self.adapter_names(self.route_ids(input_ids, mask, content))
 
+    def _switch_tensors(self, device: torch.device):
+        """The switch's head and task → adapter ids on ``device``, copied there once (not inside a
+        forward that may be captured) and again only when the switch or the adapters change."""
+        key = (id(self.switch.mlp), device, tuple(self.context.names))  # add_task trains a new mlp
+        if self._switch_cache[0] != key:
+            self._switch_cache = (key, (self.switch.head(device), self.task_to_adapter(device)))
+        return self._switch_cache[1]
+
     def adapter_names(self, ids: torch.Tensor) -> list[str | None]:
         """Ids → names, the edge where they leave the library (``None``: base model)."""
         return [None if i < 0 else self.context.names[i] for i in ids.tolist()]
@@ -150,8 +158,7 @@ class SwitchModel:
             return
         hidden = args[0] if args else kwargs["hidden_states"]
         sequence_ids, token_ids = switch_route(hidden, self._embeddings, routing["content"],
-                                               self.switch.head(hidden.device), self.task_to_adapter(hidden.device),
-                                               self.switch.pool)
+                                               *self._switch_tensors(hidden.device), self.switch.pool)
         self._embeddings = None
         if routing["routed"] is None:  # an encoder pass: stop here
             routing["sequence_ids"] = sequence_ids
@@ -309,7 +316,7 @@ def lowest_adapted_layer(model: nn.Module) -> int:
     layers = decoder_layers(model)
     for index, layer in enumerate(layers):
         for module in layer.modules():
-            bank = isinstance(module, MultiLoraLinear) and bool((module.ranks > 0).any())
+            bank = isinstance(module, MultiLoraLinear) and module.lora_a.shape[1] > 0  # shapes: no device read
             if bank or getattr(module, "lora_A", None):
                 return index
     return len(layers)
