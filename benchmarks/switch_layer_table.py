@@ -23,8 +23,8 @@ from common import REPO, run_metadata, write_results
 
 TASKS = ("covidfact", "haiku", "simplification", "explanation")
 BUDGET = ["--methods", "switchcit", "--steps", "30", "--batch-size", "4", "--lr", "1e-3", "--rank", "8",
-          "--alpha", "16", "--eval-examples", "40", "--max-length", "192", "--max-new-tokens", "48",
-          "--eval-batch-size", "20", "--retention", "0.01", "--checkpoint-every", "10"]
+          "--alpha", "16", "--eval-examples", "30", "--max-length", "192", "--max-new-tokens", "32",
+          "--eval-batch-size", "30", "--retention", "0.01", "--checkpoint-every", "10"]
 
 
 def run_cit(base: str, data: Path, layer: int, work: Path) -> tuple[dict, float]:
