@@ -32,9 +32,10 @@ from switchcit.ops import SwitchHead
 from switchcit.ops.naive import classify_reference, gate_distance
 from switchcit.prompts import content_mask, pad, prompt_tokens
 
-__all__ = ["Switch", "check_layer", "decoder_layers", "encode_features", "encode_layers", "load_encoder",
-           "model_signature"]
+__all__ = ["DEFAULT_LAYER", "Switch", "check_layer", "decoder_layers", "encode_features", "encode_layers",
+           "load_encoder", "model_signature"]
 
+DEFAULT_LAYER = 2  # chosen by measurement: benchmarks/results/switch-layer.md
 SWITCH_WEIGHTS = "switch.safetensors"
 SWITCH_CONFIG = "switch.json"
 
@@ -83,7 +84,7 @@ class Switch:
     _TENSORS = ("feature_mean", "feature_scale", "gate_feature_mean", "gate_feature_scale", "class_means",
                 "gate_components")
 
-    def __init__(self, tasks: Sequence[str], feature_dim: int, hidden: int = 200, layer: int = 0):
+    def __init__(self, tasks: Sequence[str], feature_dim: int, hidden: int = 200, layer: int = DEFAULT_LAYER):
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise ValueError(f"the switch layer must be an integer >= 0, got {layer!r}")
         self.tasks = list(tasks)
@@ -110,7 +111,7 @@ class Switch:
 
     @classmethod
     def train(cls, prompts: Sequence[str], task_labels: Sequence[str], encoder=None, tokenizer=None, *,
-              layer: int = 0, **fit_options) -> Switch:
+              layer: int = DEFAULT_LAYER, **fit_options) -> Switch:
         """Train a switch on the retained prompts (one task label each) from the input of decoder layer
         ``layer`` of ``encoder`` (a transformers model, or a folder to load one and its tokenizer from).
         ``fit_options``: see :meth:`fit`."""
@@ -128,8 +129,9 @@ class Switch:
 
     @classmethod
     def fit(cls, features: torch.Tensor, gate_features: torch.Tensor, task_labels: Sequence[str], *,
-            layer: int = 0, hidden: int = 200, lr: float = 1e-3, batch_size: int = 32, max_epochs: int = 2000,
-            patience: int = 20, min_loss: float = 1e-3, gate_margin: float = 1.25, seed: int = 0) -> Switch:
+            layer: int = DEFAULT_LAYER, hidden: int = 200, lr: float = 1e-3, batch_size: int = 32,
+            max_epochs: int = 2000, patience: int = 20, min_loss: float = 1e-3, gate_margin: float = 1.25,
+            seed: int = 0) -> Switch:
         """A switch from already pooled features ``[N, D]`` (classifier and gate inputs; no encoder
         attached): the MLP as in the paper (AdamW, cross-entropy) trained to convergence — until the
         training loss falls below ``min_loss`` or has not improved by 1 % for ``patience`` epochs

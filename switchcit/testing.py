@@ -72,7 +72,7 @@ def build_run(root: Path, base_folder: Path | None = None, rank: int = 4) -> Pat
     encoder = transformers.AutoModelForCausalLM.from_pretrained(base_folder)
     prompts = [p for task in TASKS for p in task_prompts(task, TRAINED_TOPICS)]
     labels = [task for task in TASKS for _ in task_prompts(task, TRAINED_TOPICS)]
-    switch = Switch.train(prompts, labels, encoder=encoder)
+    switch = Switch.train(prompts, labels, encoder=encoder, layer=0)  # the adapters cover every layer
     switch.save(run / "switch")
     write_run_manifest(run, base_folder, {task: run / "adapters" / task for task in TASKS}, run / "switch",
                        switch.layer)

@@ -34,13 +34,15 @@ def test_model_benchmark_smoke(tmp_path):
 
 
 def test_switch_cost_benchmark_smoke(tmp_path):
-    """The routing-cost benchmark runs end to end (tiny Llama, CPU) and reports every step."""
+    """The routing-cost benchmark runs end to end (tiny Llama, CPU, K = 0 and 1) and reports every step."""
     proc = subprocess.run(
         [sys.executable, "benchmarks/bench_switch_cost.py", "--smoke", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads((tmp_path / "switch-cost-smoke.json").read_text())["result"]
-    assert len(result["ms"]) == 5 and all(math.isfinite(ms) and ms > 0 for ms in result["ms"].values())
-    assert result["percent_of_forward"]["forward (prefill, 8 adapters mixed)"] == 100
-    assert "routing / forward" in (tmp_path / "switch-cost-smoke.md").read_text()
+    rows = json.loads((tmp_path / "switch-cost-smoke.json").read_text())["rows"]
+    assert [row["layer"] for row in rows] == [0, 1]
+    for row in rows:
+        assert len(row["ms"]) == 4 and all(math.isfinite(ms) and ms > 0 for ms in row["ms"].values())
+        assert math.isfinite(row["routing_percent"]) and 0 < row["switch_and_plan_percent"] < 100
+    assert "routing / routed prefill" in (tmp_path / "switch-cost-smoke.md").read_text()

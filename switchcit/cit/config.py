@@ -12,6 +12,7 @@ from switchcit.cit.checkpoint import CONFIG_FILE, write_json_atomic
 from switchcit.cit.data import load_task, task_name
 from switchcit.cit.methods import METHODS
 from switchcit.serving.openai import AUTO, BASE_MODEL_NAME
+from switchcit.switch import DEFAULT_LAYER
 
 # A task's name names its adapter: neither a method's own adapter nor a model name the server reserves.
 RESERVED_TASK_NAMES = (*METHODS, AUTO, BASE_MODEL_NAME)
@@ -39,8 +40,9 @@ class TrainConfig:
     alpha: float = _setting(16.0, "LoRA alpha")
     dropout: float = _setting(0.05, "LoRA dropout")
     target_modules: list[str] = _setting(["q_proj", "v_proj"], "LoRA target modules, comma-separated")
-    switch_layer: int = _setting(0, "K: the switch reads the input of decoder layer K (0: the input embeddings) and "
-                                    "every method's adapters cover layers K…L−1, so routing needs no extra pass")
+    switch_layer: int = _setting(DEFAULT_LAYER, "K: the switch reads the input of decoder layer K (0: the input "
+                                                "embeddings) and every method's adapters cover layers K…L−1, so "
+                                                "routing needs no extra pass")
     retention: float = _setting(0.01, "retained fraction of each task's train split (switch and replay)")
     train_examples: int | None = _setting(None, "use at most this many train examples per task (default: all)")
     eval_examples: int = _setting(50, "test examples per task evaluated at every stage")
