@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["chat_messages_text", "chat_text", "content_mask", "pad", "prompt_tokens", "split_tokens"]
+__all__ = ["chat_messages_text", "chat_text", "content_mask", "is_text", "pad", "prompt_tokens", "split_tokens"]
 
 Span = tuple[int, int]
 
@@ -22,6 +22,15 @@ def chat_text(tokenizer, prompt: str) -> str:
 def chat_messages_text(tokenizer, messages: list[dict[str, str]]) -> str:
     """A conversation in the tokenizer's chat template, ready for the assistant's turn."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def is_text(value: str) -> bool:
+    """Whether ``value`` is valid Unicode: JSON's escapes can spell lone surrogates, which tokenizers refuse."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def prompt_tokens(tokenizer, prompt: str, chat: bool = True) -> tuple[list[int], Span]:

@@ -23,7 +23,7 @@ def write_task(folder, train_rows=3, test_rows=2, bad=None):
 def base(tmp_path):
     """A base model folder with nothing but its config: validation must not need the weights."""
     (tmp_path / "base").mkdir()
-    (tmp_path / "base" / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"num_hidden_layers": 4}))
     return tmp_path / "base"
 
 

@@ -165,7 +165,7 @@ def test_bad_configs_fail_before_training(stream, tmp_path):
         r"--switch-layer 2 is outside \[0, 2\)": dict(switch_layer=2),
     }
     for message, change in cases.items():
-        config = TrainConfig(base=str(base), tasks=[str(t) for t in tasks], out=str(tmp_path / "out"))
+        config = TrainConfig(base=str(base), tasks=[str(t) for t in tasks], out=str(tmp_path / "out"), switch_layer=1)
         for key, value in change.items():
             setattr(config, key, value)
         with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -235,7 +235,7 @@ def test_each_method_routes_evaluation_prompts_to_the_adapters_it_has(stream, tm
         return real(pipeline, eval_sets, adapters_of, **options)
 
     monkeypatch.setattr(trainer, "evaluate_tasks", recording)
-    config = TrainConfig(base=str(base), tasks=[str(t) for t in tasks], out=str(tmp_path / "run"),
+    config = TrainConfig(base=str(base), tasks=[str(t) for t in tasks], out=str(tmp_path / "run"), switch_layer=1,
                          methods=["oracle", "sequential"], steps=2, batch_size=2, eval_examples=2, max_new_tokens=2)
     train(config)
     baseline, oracle_0, oracle_1, sequential_0, sequential_1 = calls
@@ -251,7 +251,7 @@ def test_restart_between_methods_loads_the_shared_per_task_adapters(stream, tmp_
     import shutil
 
     base, tasks = stream
-    config = TrainConfig(base=str(base), tasks=[str(t) for t in tasks], out=str(tmp_path / "run"),
+    config = TrainConfig(base=str(base), tasks=[str(t) for t in tasks], out=str(tmp_path / "run"), switch_layer=1,
                          methods=["switchcit", "oracle"], steps=2, batch_size=2, eval_examples=2, max_new_tokens=2)
     first = train(config)
     adapters = adapter_tensors(tmp_path / "run")

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from switchcit.prompts import is_text
+
 __all__ = ["Example", "chatterbot_dialogues", "load_task", "retained_sample", "task_name", "write_chatterbot_tasks"]
 
 FIELDS = ("prompt", "target", "references", "source", "label")
@@ -77,13 +79,13 @@ def _example(task: str, where: str, row, key: Mapping[str, str]) -> Example:
             return None
         if not isinstance(value, str):
             raise ValueError(f"{where}: {key[name]!r} must be a string, got {_short(value)}")
-        if not _is_text(value):
+        if not is_text(value):
             raise ValueError(f"{where}: {key[name]!r} is no valid Unicode (a lone surrogate): {_short(value)}")
         return value
 
     target, references = text("target"), row.get(key["references"])
     if references is not None and not (isinstance(references, list)
-                                       and all(isinstance(r, str) and _is_text(r) for r in references)):
+                                       and all(isinstance(r, str) and is_text(r) for r in references)):
         raise ValueError(f"{where}: {key['references']!r} must be a list of strings, got {_short(references)}")
     return Example(task=task, prompt=text("prompt"), target=target, references=references or [target],
                    source=text("source", optional=True), label=text("label", optional=True))
@@ -94,14 +96,6 @@ def _short(value) -> str:
     quoted = json.dumps(value, default=str)
     return quoted if len(quoted) <= 40 else quoted[:40] + "…"
 
-
-def _is_text(value: str) -> bool:
-    """JSON's escapes can spell lone surrogates, which the tokenizer refuses."""
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _rows(source: str | Path, split: str) -> Iterator[tuple[str, object]]:

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from switchcit.prompts import is_text
+
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
@@ -162,16 +164,9 @@ def _check_values(payload: Any) -> None:
                 raise ApiError(400, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
             items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
             todo += [(item, depth + 1) for item in items]
-        elif isinstance(value, str) and not _is_text(value):
+        elif isinstance(value, str) and not is_text(value):
             raise ApiError(400, f"the body holds a string that is no valid Unicode (a lone surrogate): {quote(value)}")
 
-
-def _is_text(value: str) -> bool:
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def install_error_handlers(app: "FastAPI") -> None:
