@@ -7,11 +7,14 @@ alternately in one run; plus the switch op and the routing plan alone.
 
 The model carries 8 random rank-16 adapters on every linear layer ≥ K (as a run with switch layer K
 trains them); the prefill is a batch of random prompts, one new token each (``generate_ids`` with
-``max_new_tokens = 1``). Routing runs once per request, in the prefill, never per decoded token.
+``max_new_tokens = 1``). The switch (random, gate open) spreads the prompts over the adapters; the
+"adapters given" prefill gets exactly the adapters it picked, so both do the same LoRA work and their
+difference is what routing costs. Routing runs once per request, in the prefill, never per decoded token.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -54,7 +57,7 @@ def random_switch(hidden: int, layer: int, gen: torch.Generator, per_task: int =
     centres = torch.randn(len(ADAPTERS), hidden, generator=gen)
     features = torch.cat([c + 0.3 * torch.randn(per_task, hidden, generator=gen) for c in centres])
     labels = [task for task in ADAPTERS for _ in range(per_task)]
-    return Switch.fit(features, features, labels, layer=layer)
+    return Switch.fit(features, features, labels, layer=layer, gate_margin=math.inf)  # open gate: adapters mixed
 
 
 def interleaved_ms(fns: dict[str, callable], repeats: int) -> dict[str, float]:
@@ -76,8 +79,9 @@ def measure(base_folder: str, layer: int, batch: int, seq_len: int, repeats: int
     pipeline = SwitchModel(model, tokenizer, random_switch(model.config.hidden_size, layer, gen))
     assert pipeline.one_pass
     prompts = torch.randint(100, model.config.vocab_size, (batch, seq_len), generator=gen).tolist()
-    explicit = torch.arange(batch) % len(ADAPTERS)
     limits, stops = [1] * batch, []
+    with torch.no_grad():  # the adapters the switch picks, given explicitly: both prefills do the same LoRA work
+        explicit = pipeline.generate_ids(prompts, limits, stops)[1].long()
     hidden = torch.randn(batch, seq_len, model.config.hidden_size, generator=gen)
     mask = torch.ones(batch, seq_len, dtype=torch.long)
     head, task_to_adapter = pipeline.switch.head(), pipeline.task_to_adapter()
@@ -91,7 +95,7 @@ def measure(base_folder: str, layer: int, batch: int, seq_len: int, repeats: int
             "routing plan alone": lambda: build_routing_plan(token_ids, len(ADAPTERS)),
         }, repeats)
     given, routed = ms["prefill, adapters given"], ms["prefill, switch routes at layer K"]
-    return {"layer": layer, "batch": [batch, seq_len], "ms": ms,
+    return {"layer": layer, "batch": [batch, seq_len], "ms": ms, "adapters_used": sorted(set(explicit.tolist())),
             "routing_percent": 100 * (routed - given) / routed,
             "switch_and_plan_percent": 100 * (ms["switch op alone (pool + MLP + gate + ids)"]
                                               + ms["routing plan alone"]) / routed}
