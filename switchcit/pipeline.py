@@ -201,80 +201,61 @@ class SwitchModel:
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int], stop_ids: Sequence[int],
                      adapter_ids: torch.Tensor | None = None, routed: torch.Tensor | None = None,
                      spans: Sequence[tuple[int, int]] | None = None) -> tuple[list[list[int]], torch.Tensor]:
-        """Greedy-generate every prompt (token ids) in one mixed batch with a KV cache; returns each
+        """Greedy-generate every prompt (token ids) in one mixed batch (:class:`switchcit.engine.Engine`,
+        every prompt in one slot of its KV cache, one prefill for all); returns each
         prompt's new tokens — at most its own ``max_new_tokens``, ending at its first stop token if it
         reached one: what the prompt gets when generated alone — and the adapter id each used.
 
         ``adapter_ids [B]``: each prompt's adapter (−1: base model); ``None``: the switch picks for
         all. ``routed [B]`` (bool): the switch picks for these prompts, the others keep their id.
         ``spans``: each prompt's own tokens ``(start, end)``, what the switch reads (default: all)."""
-        batch = len(prompt_ids)
-        device = self._device
+        from switchcit.engine import Engine, EngineRequest, SamplingParams
+
+        batch, device = len(prompt_ids), self._device
         if batch == 0:
             return [], torch.zeros(0, dtype=torch.int32, device=device)
-        input_ids, attention_mask = pad(prompt_ids, self.tokenizer.pad_token_id, device=device)
+        explicit = [NO_ADAPTER] * batch if adapter_ids is None else adapter_ids.tolist()
+        routed = [adapter_ids is None] * batch if routed is None else routed.tolist()
         spans = [(0, len(row)) for row in prompt_ids] if spans is None else spans
-        content = content_mask([len(row) for row in prompt_ids], spans, input_ids.shape[1], device=device)
-        explicit = torch.full((batch,), NO_ADAPTER, device=device) if adapter_ids is None else adapter_ids.to(device)
-        routed = torch.ones(batch, dtype=torch.bool, device=device) if adapter_ids is None and routed is None else (
-            torch.zeros(batch, dtype=torch.bool, device=device) if routed is None else routed.to(device))
-        if routed.any():  # a host read, before any model work: does this batch need the switch at all?
-            self._require_switch()
-            if not self.one_pass:  # adapters below the switch layer: route first, then the routed forward
-                explicit = torch.where(routed, self.route_ids(input_ids, attention_mask, content), explicit)
-        else:
-            routed = None
-        from transformers import DynamicCache
+        used = [NO_ADAPTER] * batch
 
-        cache = DynamicCache(config=self.network.config)
-        logits = self.routed_forward(input_ids, attention_mask, content, explicit, routed if self.one_pass else None,
-                                     past_key_values=cache, use_cache=True, logits_to_keep=1)
-        used = self.context.sequence_ids.to(torch.int32)
-        try:
-            tokens = self._decode(logits[:, -1], attention_mask, cache,
-                                  torch.tensor(list(max_new_tokens), device=device),
-                                  torch.tensor(list(stop_ids), device=device))
-        finally:
-            self.context.assign(None)
-        new_tokens = []
-        for row, limit in zip(tokens.tolist(), max_new_tokens):
-            row = row[:limit]
-            end = next((i + 1 for i, token in enumerate(row) if token in stop_ids), len(row))
-            new_tokens.append(row[:end])
-        return new_tokens, used
+        def keep_adapter(index: int):
+            def emit(tokens, finish_reason, adapter):
+                used[index] = adapter
+            return emit
+
+        requests = [EngineRequest(list(row), SamplingParams(max_tokens=limit), keep_adapter(i), adapter, is_routed,
+                                  span) for i, (row, limit, adapter, is_routed, span)
+                    in enumerate(zip(prompt_ids, max_new_tokens, explicit, routed, spans))]
+        engine = Engine(self, max_num_seqs=batch, max_model_len=max(len(r.prompt_ids) + r.params.max_tokens
+                                                                    for r in requests),
+                        max_num_batched_tokens=sum(len(row) for row in prompt_ids), stop_ids=stop_ids)
+        for request in requests:
+            engine.add(request)
+        engine.run_until_done()
+        failed = next((r.error for r in requests if r.error is not None), None)
+        if failed is not None:
+            raise failed
+        return [r.output for r in requests], torch.tensor(used, dtype=torch.int32, device=device)
 
     def routed_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, content: torch.Tensor,
-                       adapter_ids: torch.Tensor, routed: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
+                       adapter_ids: torch.Tensor, routed: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
         """The logits of one forward over a left-padded batch, routed: ``adapter_ids [B]`` (−1: base
         model), the switch's choice where ``routed [B]`` is true (read at its layer inside this forward;
         ``content``: each prompt's own tokens). No host sync, so it can be captured in a CUDA graph; the
-        adapters it used stay assigned for the decode steps that follow."""
+        adapters it used stay assigned for the decode steps that follow. ``position_ids``: by default from
+        ``attention_mask``'s left padding (give them with a 4-D mask)."""
         self.context.assign(adapter_ids)
         if routed is not None:
             self._routing = {"content": content, "routed": routed, "explicit": adapter_ids}
         try:
-            return self.network(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=_positions(attention_mask), **model_kwargs).logits
+            if position_ids is None:
+                position_ids = _positions(attention_mask)
+            return self.network(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                **model_kwargs).logits
         finally:
             self._routing = None
-
-    def _decode(self, logits, attention_mask, cache, limits, stops) -> torch.Tensor:
-        """Greedy decoding from the prefill's last logits with its KV cache, until every sequence hit a
-        stop token or its limit."""
-        done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
-        positions = _positions(attention_mask)[:, -1:]
-        generated = []
-        for step in range(int(limits.max())):
-            next_tokens = torch.where(done, self.tokenizer.pad_token_id, logits.argmax(-1))
-            generated.append(next_tokens)
-            done |= torch.isin(next_tokens, stops) | (step + 1 >= limits)
-            if bool(done.all()):
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(logits), 1)], 1)
-            positions = positions + 1
-            logits = self.network(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        return torch.stack(generated, 1)
 
     def stop_token_ids(self) -> list[int]:
         """The tokens that end an answer: the generation config's EOS (chat models: end of turn)."""
