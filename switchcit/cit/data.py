@@ -6,6 +6,9 @@ One example per JSONL line (a JSON object) with at least ``prompt`` and ``target
 ``references`` (all reference outputs, a list of strings; default: the target), ``source``
 (simplification: the original sentence) and ``label`` (Yes/No tasks) are used by the metrics when
 present (strings, or null). ``fields`` maps these names onto other datasets' column names.
+
+A task folder may hold ``task.json``, a JSON object declaring the task (keys: ``TASK_FILE_KEYS``):
+``{"metric": "sari"}`` names its main metric (see :mod:`switchcit.cit.metrics`).
 """
 from __future__ import annotations
 
@@ -17,9 +20,12 @@ from pathlib import Path
 
 from switchcit.prompts import is_text
 
-__all__ = ["Example", "chatterbot_dialogues", "load_task", "retained_sample", "task_name", "write_chatterbot_tasks"]
+__all__ = ["Example", "TASK_FILE", "TASK_FILE_KEYS", "chatterbot_dialogues", "load_task", "retained_sample",
+           "task_file", "task_name", "write_chatterbot_tasks"]
 
 FIELDS = ("prompt", "target", "references", "source", "label")
+TASK_FILE = "task.json"
+TASK_FILE_KEYS = {"metric": "the task's main metric (a name of switchcit.cit.metrics.METRIC_NAMES)"}
 
 
 @dataclass
@@ -39,6 +45,26 @@ def task_name(source: str | Path) -> str:
     """A task's name: its folder's name, or the dataset's (``hf:org/name`` → ``name``)."""
     source = str(source)
     return Path(source[len(HF_PREFIX):].split(":")[0] if source.startswith(HF_PREFIX) else source).name
+
+
+def task_file(source: str | Path) -> dict[str, str]:
+    """What a task folder's ``task.json`` declares (``{}`` without one, or for a Hugging Face dataset);
+    ``FILE: what is wrong`` (ValueError) for malformed JSON, an unknown key or a value that is no string."""
+    path = Path(source) / TASK_FILE
+    if str(source).startswith(HF_PREFIX) or not path.is_file():
+        return {}
+    try:
+        declared = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: malformed JSON: {str(err)[:100]}") from None
+    if not isinstance(declared, dict):
+        raise ValueError(f"{path}: must be a JSON object, got {_short(declared)}")
+    for key, value in declared.items():
+        if key not in TASK_FILE_KEYS:
+            raise ValueError(f"{path}: unknown key {key!r}; known: {', '.join(TASK_FILE_KEYS)}")
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: {key!r} must be a string, got {_short(value)}")
+    return declared
 
 
 def load_task(source: str | Path, split: str = "train", fields: Mapping[str, str] | None = None,

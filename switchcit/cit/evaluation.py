@@ -3,7 +3,7 @@ pipeline (:class:`switchcit.pipeline.SwitchModel`, the path ``switchcit serve`` 
 with one prediction record per prompt."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from switchcit.cit.data import Example
 from switchcit.cit.metrics import main_metric, score_task
@@ -14,10 +14,10 @@ __all__ = ["evaluate_tasks", "routing_accuracy"]
 
 def evaluate_tasks(pipeline, eval_sets: dict[str, list[Example]],
                    adapters_of: Callable[[list[str]], list[str | None] | None], *, max_new_tokens: int,
-                   batch_size: int) -> tuple[dict[str, float], list[dict]]:
-    """Main-metric score per task and one record per prompt (task, prompt, adapter, max_tokens, output).
-    ``adapters_of(tasks of the prompts)``: an adapter name (``None``: base model) per prompt, or ``None``
-    for the switch to pick."""
+                   batch_size: int, metrics: Mapping[str, str] | None = None) -> tuple[dict[str, float], list[dict]]:
+    """Main-metric score per task (``metrics[task]``, else the task's fallback) and one record per prompt
+    (task, prompt, adapter, max_tokens, output). ``adapters_of(tasks of the prompts)``: an adapter name
+    (``None``: base model) per prompt, or ``None`` for the switch to pick."""
     tasks = [task for task, examples in eval_sets.items() for _ in examples]
     prompts = [e.prompt for examples in eval_sets.values() for e in examples]
     answers, adapters = pipeline.generate(prompts, adapters_of(tasks), max_new_tokens=max_new_tokens,
@@ -27,7 +27,8 @@ def evaluate_tasks(pipeline, eval_sets: dict[str, list[Example]],
     scores, start = {}, 0
     for task, examples in eval_sets.items():
         stop = start + len(examples)
-        scores[task] = score_task(task, examples, answers[start:stop])[main_metric(task)]
+        metric = main_metric(task, (metrics or {}).get(task))
+        scores[task] = score_task(task, examples, answers[start:stop], metric)[metric]
         start = stop
     return scores, predictions
 

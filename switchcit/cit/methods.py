@@ -4,7 +4,9 @@ evaluation routes prompts. The trainer has no branch on a method's name.
 * ``switchcit``  — a new LoRA adapter per task on the frozen base; the switch routes each prompt;
 * ``oracle``     — the same per-task adapters, routed by the true task (the switch's upper bound);
 * ``sequential`` — one LoRA trained on task after task (the forgetting baseline);
-* ``replay``     — one LoRA trained on each task plus the retained samples of the earlier ones;
+* ``replay``     — one LoRA trained on each task plus the retained samples of the earlier ones (a fixed
+  share of each batch, ``--replay-rate``: mixed into the task's data by size, a 1 % sample would
+  make up about 1 % of the batches);
 * ``multitask``  — one LoRA trained once on all tasks together (the upper bound; last stage only).
 """
 from __future__ import annotations
@@ -34,11 +36,13 @@ class Method:
         return steps_per_task * (len(tasks) if self.joint else 1)
 
     def training_examples(self, tasks: Sequence[str], stage: int, train_sets: Mapping[str, list],
-                          retained: Mapping[str, list]) -> list:
+                          retained: Mapping[str, list]) -> tuple[list, list]:
+        """``(examples, replayed)``: what the method trains on at ``stage``, and the earlier tasks'
+        retained examples it replays (empty unless it replays)."""
         if self.joint:
-            return [e for t in tasks for e in train_sets[t]]
+            return [e for t in tasks for e in train_sets[t]], []
         replayed = [e for earlier in tasks[:stage] for e in retained[earlier]] if self.replays else []
-        return train_sets[tasks[stage]] + replayed
+        return train_sets[tasks[stage]], replayed
 
     def eval_adapters(self, tasks: Sequence[str], stage: int, prompt_tasks: Sequence[str]) -> list[str | None] | None:
         """The adapter of each evaluated prompt (``None``: the base model); ``None`` for all: the switch picks."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import statistics
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -35,7 +35,8 @@ from switchcit.cit.data import Example
 
 __all__ = [
     "sari", "corpus_sari", "rouge", "bleu", "yes_no_accuracy", "exact_match",
-    "TASK_METRICS", "DEFAULT_METRICS", "main_metric", "score_task", "continual_metrics", "results_dict",
+    "TASK_METRICS", "DEFAULT_METRICS", "METRIC_NAMES", "METRIC_FIELDS",
+    "main_metric", "score_task", "continual_metrics", "results_dict",
 ]
 
 SARI_MAX_ORDER = 4
@@ -205,19 +206,30 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 DEFAULT_METRICS: tuple[str, ...] = ("rougeL",)
 
 
-def main_metric(task_name: str) -> str:
-    """The metric that stands for ``task_name`` in the score matrix."""
-    return TASK_METRICS.get(task_name, DEFAULT_METRICS)[0]
+METRIC_NAMES: tuple[str, ...] = tuple(_METRICS)
+# The example field a metric reads besides the references (a run checks it before training).
+METRIC_FIELDS: dict[str, str] = {"sari": "source", "accuracy": "label", "exact_match": "label"}
 
 
-def score_task(task_name: str, examples: Sequence[Example], predictions: Sequence[str]) -> dict[str, float]:
-    """``{metric: score}`` for the predictions on ``examples``, main metric first."""
+def main_metric(task_name: str, declared: str | None = None) -> str:
+    """The metric that stands for a task in the score matrix: ``declared`` (``--metric`` or the task's
+    ``task.json``) when given, else the fallback chosen by the task's name."""
+    if declared is not None and declared not in _METRICS:
+        raise ValueError(f"unknown metric {declared!r}; known: {', '.join(METRIC_NAMES)}")
+    return declared or TASK_METRICS.get(task_name, DEFAULT_METRICS)[0]
+
+
+def score_task(task_name: str, examples: Sequence[Example], predictions: Sequence[str],
+               metric: str | None = None) -> dict[str, float]:
+    """``{metric: score}`` for the predictions on ``examples``, main metric (``main_metric(task_name,
+    metric)``) first."""
     _check_lengths(predictions, examples=examples)
     names = TASK_METRICS.get(task_name)
     if names is None:
         has_labels = all(example.label is not None for example in examples)
         names = DEFAULT_METRICS + (("exact_match",) if has_labels else ())
-    return {name: _METRICS[name](examples, predictions) for name in names}
+    main = main_metric(task_name, metric)
+    return {name: _METRICS[name](examples, predictions) for name in (main, *(n for n in names if n != main))}
 
 
 # --- continual-learning metrics ---------------------------------------------------------------------
@@ -270,10 +282,11 @@ def _floats(values: Sequence[float | None] | None) -> list[float | None] | None:
 
 def results_dict(method: str, tasks: Sequence[str], matrix: Sequence[Sequence[float | None]],
                  baseline: Sequence[float | None] | None = None,
-                 switch_accuracy: Sequence[float | None] | None = None) -> dict:
-    """The ``results.json`` record of one method: task order, main metric per task, score matrix,
-    baseline, the continual metrics and the switch accuracy per stage in percent (None when the method
-    does not route)."""
+                 switch_accuracy: Sequence[float | None] | None = None,
+                 metrics: Mapping[str, str] | None = None) -> dict:
+    """The ``results.json`` record of one method: task order, main metric per task (``metrics``, else
+    each task's fallback), score matrix, baseline, the continual metrics and the switch accuracy per
+    stage in percent (None when the method does not route)."""
     if len(tasks) != len(matrix):
         raise ValueError(f"{len(tasks)} task names for a score matrix of {len(matrix)} stages")
     if switch_accuracy is not None and len(switch_accuracy) != len(tasks):
@@ -282,7 +295,7 @@ def results_dict(method: str, tasks: Sequence[str], matrix: Sequence[Sequence[fl
     return {
         "method": method,
         "tasks": list(tasks),
-        "metric": {task: main_metric(task) for task in tasks},
+        "metric": {task: main_metric(task, (metrics or {}).get(task)) for task in tasks},
         "matrix": [_floats(row) for row in matrix],
         "baseline": _floats(baseline),
         "AP": summary["AP"],

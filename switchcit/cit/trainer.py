@@ -12,6 +12,11 @@ The switch reads the input of decoder layer K (``switch_layer``) and every metho
 layers K…L−1 (PEFT ``layers_to_transform``), so training and the routed forward compute the same
 function.
 
+Training is a plain loop (AdamW; transformers' LR schedules per task stage; gradient accumulation and
+clipping; bfloat16 autocast): each optimizer step appends a row to ``RUN_DIR/<method>/log_history.jsonl``
+(and TensorBoard with ``--report-to tensorboard``). Replay draws ``--replay-rate`` of each batch from the
+earlier tasks' retained examples.
+
 Restartable: the same command continues a killed run (:mod:`switchcit.cit.checkpoint`); batches,
 dropout and initialisation are seeded per (stage, step), so a resumed run ends with the same adapters
 and results. Under ``torchrun`` the training steps run with DistributedDataParallel (each rank takes its
@@ -19,24 +24,35 @@ share of every batch); rank 0 evaluates and writes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import random
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from switchcit.cit.checkpoint import STATE_FILE, load_state, resume, save_checkpoint, write_json_atomic
-from switchcit.cit.config import TrainConfig
+from switchcit.cit.checkpoint import (
+    STATE_FILE,
+    append_log_row,
+    load_state,
+    resume,
+    save_checkpoint,
+    trim_log_history,
+    write_json_atomic,
+)
+from switchcit.cit.config import LR_SCHEDULERS, TrainConfig
 from switchcit.cit.data import Example, load_task, retained_sample
 from switchcit.cit.evaluation import evaluate_tasks, routing_accuracy
 from switchcit.cit.methods import METHODS, Method
-from switchcit.cit.metrics import results_dict
+from switchcit.cit.metrics import main_metric, results_dict
 from switchcit.prompts import prompt_tokens
 
-__all__ = ["Trainer", "collate", "encode_example", "target_loss", "train"]
+__all__ = ["Trainer", "collate", "draw_batch", "encode_example", "lr_schedule", "target_loss", "train"]
 
 logger = logging.getLogger("switchcit")
 
@@ -57,11 +73,12 @@ class Trainer:
         config.validate()
         self.config, self.out = config, Path(config.out)
         self.rank, self.world = _distributed_rank_and_size()
-        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.device = _device(config.device)
         self.tokenizer = AutoTokenizer.from_pretrained(config.base)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        base = AutoModelForCausalLM.from_pretrained(config.base).to(self.device)
+        # The frozen base in --dtype; PEFT keeps the adapters in float32.
+        base = AutoModelForCausalLM.from_pretrained(config.base, dtype=getattr(torch, config.dtype)).to(self.device)
         layers = range(config.switch_layer, base.config.num_hidden_layers)  # below K: the base model
         self.lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                target_modules=list(config.target_modules), layers_to_transform=list(layers),
@@ -71,6 +88,12 @@ class Trainer:
         self.model.delete_adapter("unused")  # adapters are added per method and task below
         self.pipeline = SwitchModel(self.model, self.tokenizer)
         self.tasks = config.task_names
+        declared = config.declared_metrics()
+        self.metrics = {task: main_metric(task, declared[task]) for task in self.tasks}
+        for task in self.tasks:
+            if declared[task] is None:
+                logger.info("task %s declares no metric (task.json or --metric): scored by %s, chosen by its name",
+                            task, self.metrics[task])
         self.train_sets = {n: load_task(t, "train", config.fields, config.train_examples)
                            for n, t in zip(self.tasks, config.tasks)}
         self.eval_sets = {n: _sample(load_task(t, "test", config.fields), config.eval_examples, config.seed)
@@ -99,7 +122,8 @@ class Trainer:
                 if self.rank == 0:
                     write_json_atomic(self.out / name / STATE_FILE, state)
             results[name] = results_dict(name, self.tasks, state["matrix"], baseline,
-                                         state["switch_accuracy"] if method.routing == "switch" else None)
+                                         state["switch_accuracy"] if method.routing == "switch" else None,
+                                         self.metrics)
             if self.rank == 0:
                 write_json_atomic(self.out / name / "results.json", results[name])
                 logger.info("%s: AP %.2f, BWT %s", name, results[name]["AP"], _fmt(results[name]["BWT"]))
@@ -119,8 +143,8 @@ class Trainer:
         trains = not method.per_task_adapters or method.name == self._per_task_owner()  # per-task adapters: once
         adapter = self._prepare_adapter(method, stage, trains)
         if trains:
-            examples = method.training_examples(self.tasks, stage, self.train_sets, self.retained)
-            self.train_adapter(method, adapter, stage, examples)
+            examples, replayed = method.training_examples(self.tasks, stage, self.train_sets, self.retained)
+            self.train_adapter(method, adapter, stage, examples, replayed)
             if method.per_task_adapters and self.rank == 0:
                 self._save_serving_folder(stage)
         _barrier()
@@ -147,49 +171,94 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
-    def train_adapter(self, method: Method, adapter: str, stage: int, examples: list[Example]) -> None:
-        """``steps`` AdamW steps on ``adapter`` alone (base and other adapters frozen), loss on the
-        target tokens only, from the method's checkpoint when it has one for this stage."""
-        config = self.config
+    def train_adapter(self, method: Method, adapter: str, stage: int, examples: list[Example],
+                      replayed: list[Example]) -> None:
+        """``steps`` optimizer steps on ``adapter`` alone (base and other adapters frozen), loss on the
+        target tokens only: AdamW on this stage's LR schedule, ``gradient_accumulation_steps``
+        micro-batches per step, the gradient clipped to ``max_grad_norm``, the forward under bfloat16
+        autocast with ``--dtype bfloat16``. Starts from the method's checkpoint when it has one for this
+        stage. Each step appends its row to ``log_history.jsonl`` (and TensorBoard)."""
+        config, method_dir = self.config, self.out / method.name
         steps = method.steps(config.steps, self.tasks)
         self.model.set_adapter(adapter)  # active and the only trainable one
         params = self._adapter_params(adapter)
         optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
-        start = resume(self.out / method.name, adapter, stage, params, optimizer)
+        scheduler = lr_schedule(optimizer, config, steps)
+        start = resume(method_dir, adapter, stage, params, optimizer, scheduler)
+        logged = trim_log_history(method_dir, stage, start) if self.rank == 0 else 0  # the rows to redo go
         if start >= steps:
             return
         network = self.model
         if self.world > 1:
             network = nn.parallel.DistributedDataParallel(self.model)
+        tensorboard = self._tensorboard(method)
         self.model.train()
         progress = _progress(range(start, steps), f"{method.name}/{self.tasks[stage]}", initial=start, total=steps,
                              disable=self.rank != 0)
         for step in progress:
+            started = time.perf_counter()
             torch.manual_seed(_seed(config.seed, method.name, stage, step, self.rank))  # dropout
-            batch = self._batch(examples, _seed(config.seed, "batch", method.name, stage, step))
-            loss = target_loss(network, **{k: v.to(self.device) for k, v in batch.items()})
+            batch_seed = _seed(config.seed, "batch", method.name, stage, step)
+            micro_batches = self._micro_batches(examples, replayed, batch_seed)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, tokens = 0.0, 0
+            for number, batch in enumerate(micro_batches):
+                accumulating = self.world > 1 and number < len(micro_batches) - 1
+                with network.no_sync() if accumulating else contextlib.nullcontext():  # all-reduce once per step
+                    with self._autocast():
+                        micro_loss = target_loss(network, **{k: v.to(self.device) for k, v in batch.items()})
+                    (micro_loss / len(micro_batches)).backward()
+                loss += micro_loss.item() / len(micro_batches)
+                tokens += int(batch["attention_mask"].sum())
+            grad_norm = nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm or math.inf)  # inf: measure only
+            learning_rate = optimizer.param_groups[0]["lr"]
             optimizer.step()
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+            scheduler.step()
+            progress.set_postfix(loss=f"{loss:.3f}")
+            if self.rank == 0:
+                seconds = time.perf_counter() - started
+                row = {"method": method.name, "task": self.tasks[stage], "stage": stage, "step": step + 1, "loss": loss,
+                       "learning_rate": learning_rate, "grad_norm": float(grad_norm),
+                       "tokens_per_second": tokens * self.world / seconds}  # the ranks' shares are equal
+                append_log_row(method_dir, row)
+                logged += 1
+                if tensorboard is not None:
+                    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second"):
+                        tensorboard.add_scalar(f"train/{key}", row[key], logged)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
                 if self.rank == 0:
-                    save_checkpoint(self.out / method.name, adapter, stage, step + 1, params, optimizer)
+                    save_checkpoint(method_dir, adapter, stage, step + 1, params, optimizer, scheduler)
                 _barrier()
+        if tensorboard is not None:
+            tensorboard.close()
         self.model.eval()
 
     def _adapter_params(self, adapter: str) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if f".{adapter}." in n}
 
-    def _batch(self, examples: list[Example], seed: int) -> dict[str, torch.Tensor]:
-        """This rank's share of a batch drawn (with replacement) by ``seed`` — the same on every rank
-        and after a restart."""
-        if self.config.batch_size % self.world:
-            raise ValueError(f"batch size {self.config.batch_size} does not split over {self.world} processes")
-        picks = random.Random(seed).choices(range(len(examples)), k=self.config.batch_size)
-        share = picks[self.rank :: self.world]
-        return collate([encode_example(self.tokenizer, examples[i], self.config.max_length) for i in share],
-                       self.tokenizer.pad_token_id)
+    def _micro_batches(self, examples: list[Example], replayed: list[Example],
+                       seed: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's share of each micro-batch of one optimizer step, drawn by ``seed``
+        (:func:`draw_batch`) — the same on every rank and after a restart."""
+        config, size = self.config, self.config.batch_size
+        if size % self.world:
+            raise ValueError(f"batch size {size} does not split over {self.world} processes")
+        picks = draw_batch(examples, replayed, size * config.gradient_accumulation_steps, config.replay_rate, seed)
+        shares = [picks[first : first + size][self.rank :: self.world] for first in range(0, len(picks), size)]
+        return [collate([encode_example(self.tokenizer, example, config.max_length) for example in share],
+                        self.tokenizer.pad_token_id) for share in shares]
+
+    def _autocast(self):
+        """bfloat16 autocast for ``--dtype bfloat16`` (matmuls in bfloat16, the adapters' weights stay float32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
+
+    def _tensorboard(self, method: Method):
+        """A TensorBoard writer for ``method``'s steps (``--report-to tensorboard``, rank 0), else None."""
+        if self.config.report_to != "tensorboard" or self.rank != 0:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.out / "tensorboard" / method.name))
 
     # ------------------------------------------------------------------ evaluation (through the pipeline)
 
@@ -222,7 +291,7 @@ class Trainer:
 
     def _evaluate(self, adapters_of):
         return evaluate_tasks(self.pipeline, self.eval_sets, adapters_of, max_new_tokens=self.config.max_new_tokens,
-                              batch_size=self.config.eval_batch_size)
+                              batch_size=self.config.eval_batch_size, metrics=self.metrics)
 
     def evaluate_saved(self, name: str) -> tuple[dict[str, float], list[dict]]:
         """The final stage of method ``name`` from its saved adapters (``switchcit eval``): scores and
@@ -290,6 +359,31 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def draw_batch(examples: list[Example], replayed: list[Example], size: int, replay_rate: float,
+               seed: int) -> list[Example]:
+    """``size`` examples drawn with replacement by ``seed``, a share ``replay_rate`` of them from
+    ``replayed`` when there are any (the count rounded up or down at random, so that the rate holds on
+    average for any size), at random places in the batch."""
+    rng = random.Random(seed)
+    count = 0
+    if replayed:
+        count = int(replay_rate * size)
+        count += rng.random() < replay_rate * size - count
+    batch = rng.choices(examples, k=size - count) + rng.choices(replayed, k=count)
+    rng.shuffle(batch)  # replayed examples in every micro-batch and every rank's share
+    return batch
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``--lr-scheduler`` over a stage of ``steps`` optimizer steps after a linear warm-up from 0 of
+    ``--warmup-steps`` (else ``ceil(--warmup-ratio × steps)``) steps: transformers' schedules."""
+    from transformers import get_scheduler
+
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * steps)
+    return get_scheduler(LR_SCHEDULERS[config.lr_scheduler], optimizer, num_warmup_steps=warmup,
+                         num_training_steps=steps)
+
+
 def target_loss(model, input_ids, labels, attention_mask) -> torch.Tensor:
     """Mean over examples of each example's mean target-token loss: with equal shares per rank, the
     data-parallel average of gradients equals the single-process gradient of the whole batch. Logits
@@ -325,10 +419,6 @@ def _sample(examples: list[Example], count: int, seed: int) -> list[Example]:
     return retained_sample(examples, min(1.0, count / len(examples)), seed)[:count]
 
 
-def _sample(examples: list[Example], count: int, seed: int) -> list[Example]:
-    return retained_sample(examples, min(1.0, count / len(examples)), seed)[:count]
-
-
 def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
@@ -337,6 +427,14 @@ def _progress(iterable, description: str, **options):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=description, leave=False, **options)
+
+
+def _device(name: str | None) -> torch.device:
+    """``--device`` (default: cuda if available, else cpu); under torchrun, cuda is this process's GPU."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _distributed_rank_and_size() -> tuple[int, int]:
