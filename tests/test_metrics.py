@@ -1,5 +1,5 @@
 """Task metrics against hand-computed values and direct library calls; continual metrics on a hand-
-computed 3 × 3 matrix."""
+computed 3 × 3 matrix; the bootstrap intervals against cases whose interval is known."""
 import json
 
 import numpy as np
@@ -10,12 +10,16 @@ from sacrebleu import corpus_bleu
 from switchcit.cit.data import Example
 from switchcit.cit.metrics import (
     bleu,
+    bootstrap_intervals,
+    continual_figures,
     continual_metrics,
     corpus_sari,
+    example_statistics,
     main_metric,
     results_dict,
     rouge,
     sari,
+    score_of_statistics,
     score_task,
     yes_no_accuracy,
 )
@@ -241,12 +245,124 @@ def test_continual_metrics_rejects_a_non_square_matrix():
 def test_results_dict_schema():
     tasks = ["simplification", "explanation", "covidfact"]
     matrix = [[np.float32(v) for v in row] for row in MATRIX]
-    results = results_dict("switch", tasks, matrix, BASELINE, [1.0, 0.75, 0.5])
-    assert list(results) == ["method", "tasks", "metric", "matrix", "baseline", "AP", "BWT", "FWT",
-                             "forgetting", "switch_accuracy"]
+    results = results_dict("switch", tasks, continual_figures(matrix, BASELINE), seeds=[0],
+                           switch_accuracy=[1.0, 0.75, 0.5])
+    assert list(results) == ["method", "tasks", "metric", "seeds", "matrix", "matrix_ci", "baseline", "baseline_ci",
+                             "trivial_baseline", "trivial_baseline_ci", "AP", "AP_ci", "BWT", "BWT_ci", "FWT", "FWT_ci",
+                             "forgetting", "forgetting_ci", "trivial_rule", "switch_accuracy"]
     assert results["metric"] == {"simplification": "sari", "explanation": "rougeL", "covidfact": "accuracy"}
     assert results["BWT"] == pytest.approx(-12.5) and results["FWT"] == pytest.approx(3.5)
+    assert results["AP_ci"] is None  # one run's figures carry no interval
     assert json.loads(json.dumps(results))["matrix"] == MATRIX   # numpy scalars became floats
-    assert results_dict("seq", ["haiku"], [[30.0]])["switch_accuracy"] is None
+    assert results_dict("seq", ["haiku"], continual_figures([[30.0]]))["switch_accuracy"] is None
     with pytest.raises(ValueError, match="switch accuracies"):
-        results_dict("switch", tasks, MATRIX, BASELINE, [1.0])
+        results_dict("switch", tasks, continual_figures(MATRIX, BASELINE), switch_accuracy=[1.0])
+
+
+# --- per-example statistics and the bootstrap ------------------------------------------------------
+
+def test_corpus_scores_are_scores_of_summed_example_statistics():
+    """Each metric's corpus score is the score of its examples' statistics summed; one example's row
+    scores that example alone (SARI of the corpus is not the mean of the sentence scores)."""
+    sources, predictions, references = zip(CASE_A, CASE_B)
+    examples = [_example("simplification", r[0], source=s, references=r) for s, r in zip(sources, references)]
+    rows = example_statistics("sari", examples, predictions)
+    assert score_of_statistics("sari", rows.sum(0)) == pytest.approx(100 * 89 / 252)
+    assert score_of_statistics("sari", rows) == pytest.approx([SARI_A, SARI_B])
+    bleu_predictions = ["the quick brown fox jumps over the dog", "a man is playing a guitar on stage"]
+    bleu_examples = [_example("haiku", "x", references=["the quick brown fox jumps over the lazy dog"]),
+                     _example("haiku", "x", references=["a man is playing guitar on a stage", "a man plays"])]
+    bleu_rows = example_statistics("bleu", bleu_examples, bleu_predictions)
+    assert score_of_statistics("bleu", bleu_rows.sum(0)) == pytest.approx(
+        bleu(bleu_predictions, [e.references for e in bleu_examples]))
+    labelled = [_example("covidfact", "Yes", label="Yes"), _example("covidfact", "No", label="No")]
+    assert score_of_statistics("accuracy", example_statistics("accuracy", labelled, ["yes", "yes"])).tolist() == [
+        100, 0]
+
+
+def _hits(hits, label="Yes"):
+    """Statistics of yes/no answers: hit → the label, miss → the other answer."""
+    other = {"Yes": "No", "No": "Yes"}[label]
+    examples = [_example("covidfact", label, label=label) for _ in hits]
+    return example_statistics("accuracy", examples, [label if hit else other for hit in hits])
+
+
+def _one_task(table):
+    """Figures of one task's one-stage table: its score is AP."""
+    return continual_figures(table)
+
+
+def test_bootstrap_of_constant_scores_has_zero_width():
+    tables = [[[_hits([True] * 30)]], [[_hits([True] * 20)]]]
+    estimates = bootstrap_intervals(tables, ["accuracy"], _one_task, replicates=200)
+    assert estimates["AP"] == 100 and estimates["AP_ci"] == [100, 100]
+    assert estimates["matrix_ci"] == [[[100, 100]]] and estimates["BWT_ci"] is None  # one task: no BWT
+
+
+def test_bootstrap_matches_the_normal_approximation_of_a_mean():
+    rng = np.random.default_rng(1)
+    hits = rng.random(2000) < 0.3
+    estimates = bootstrap_intervals([[[_hits(hits)]]], ["accuracy"], _one_task, replicates=2000)
+    mean = 100 * hits.mean()
+    half_width = 1.96 * 100 * np.sqrt(hits.mean() * (1 - hits.mean()) / len(hits))
+    assert estimates["AP"] == pytest.approx(mean)
+    low, high = estimates["AP_ci"]
+    assert low == pytest.approx(mean - half_width, abs=0.12 * half_width)
+    assert high == pytest.approx(mean + half_width, abs=0.12 * half_width)
+
+
+def test_bootstrap_interval_covers_the_population_mean():
+    """Samples of 100 answers from a population 60 % right: the 95 % interval holds 60 about 95 % of
+    the time."""
+    rng = np.random.default_rng(2)
+    trials = 100
+    covered = 0
+    for trial in range(trials):
+        low, high = bootstrap_intervals([[[_hits(rng.random(100) < 0.6)]]], ["accuracy"], _one_task,
+                                        replicates=300, seed=trial)["AP_ci"]
+        covered += low <= 60 <= high
+    assert 0.88 <= covered / trials <= 0.99
+
+
+def test_bootstrap_resamples_seeds():
+    """Two seeds, each constant within itself (all right, all wrong): the examples add no spread, the
+    seeds do — a replicate is 0, 50 or 100."""
+    estimates = bootstrap_intervals([[[_hits([True] * 10)]], [[_hits([False] * 10)]]], ["accuracy"], _one_task,
+                                    replicates=1000)
+    assert estimates["AP"] == 50 and estimates["AP_ci"] == [0, 100]
+
+
+def test_bootstrap_recomputes_the_corpus_metric_per_replicate():
+    """Two sentences, A and B: a replicate is AA, AB or BB (1/4, 1/2, 1/4); its corpus SARI pools the
+    counts, so the central 40 % is exactly corpus SARI of A and B (a mean of sentence SARIs would give
+    100 · 5/18 there)."""
+    sources, predictions, references = zip(CASE_A, CASE_B)
+    examples = [_example("simplification", r[0], source=s, references=r) for s, r in zip(sources, references)]
+    rows = example_statistics("sari", examples, predictions)
+    estimates = bootstrap_intervals([[[rows]]], ["sari"], _one_task, replicates=4000, level=0.4)
+    assert estimates["AP"] == pytest.approx(100 * 89 / 252)
+    assert estimates["AP_ci"] == pytest.approx([100 * 89 / 252] * 2)
+
+
+def test_bootstrap_pairs_the_stages_of_a_task():
+    """Rows of one task share each replicate's draw: a stage equal to the one before it gives a BWT of
+    exactly 0 in every replicate, and every figure of the matrix gets its interval."""
+    rng = np.random.default_rng(3)
+    first, second = _hits(rng.random(50) < 0.5), _hits(rng.random(40) < 0.7)
+    table = [[first, second], [first, _hits(rng.random(40) < 0.2)]]  # task 1 unchanged after stage 2
+    estimates = bootstrap_intervals([table], ["accuracy", "accuracy"], continual_figures, replicates=300)
+    assert estimates["BWT"] == 0 and estimates["BWT_ci"] == [0, 0]
+    low, high = estimates["AP_ci"]
+    assert low < estimates["AP"] < high
+    assert [[cell is not None and cell[0] <= mean <= cell[1] for cell, mean in zip(cis, means)]
+            for cis, means in zip(estimates["matrix_ci"], estimates["matrix"])] == [[True, True], [True, True]]
+
+
+def test_bootstrap_is_seeded_and_rejects_ragged_tables():
+    table = [[_hits([True, False, True, True])]]
+    assert bootstrap_intervals([table], ["accuracy"], _one_task) == bootstrap_intervals([table], ["accuracy"],
+                                                                                       _one_task)
+    with pytest.raises(ValueError, match="rows"):
+        bootstrap_intervals([[[table[0][0]]], [[table[0][0]], [table[0][0]]]], ["accuracy"], _one_task)
+    with pytest.raises(ValueError, match="different numbers of examples"):
+        bootstrap_intervals([[[table[0][0]], [_hits([True])]]], ["accuracy"], _one_task)

@@ -112,7 +112,7 @@ def test_eval_predictions_are_what_the_server_answers(uninterrupted):
     assert len(predictions) == 2 * len(TASKS) * 3  # methods × tasks × eval examples
     assert {p["adapter"] for p in predictions if p["method"] == "sequential"} == {"sequential"}
     routed = [p for p in predictions if p["method"] == "switchcit"]
-    assert set(routed[0]) == {"method", "task", "prompt", "adapter", "max_tokens", "output"}
+    assert set(routed[0]) == {"method", "task", "prompt", "adapter", "max_tokens", "output", "reference", "score"}
 
     with serving(create_app(SwitchModel.from_run(out))) as (url, _):
         for p in routed:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -31,7 +30,8 @@ def add_command(commands) -> None:
                                  description=reevaluate.__doc__)
     parser.add_argument("run_dir", type=Path, help="the --out folder of `switchcit train`")
     parser.add_argument("--predictions", type=Path, default=None,
-                        help="write one JSON line per test example (task, prompt, adapter, max_tokens, output)")
+                        help="write one JSON line per test example (method, task, prompt, adapter, max_tokens, output, "
+                             "reference, score; seed with --seeds)")
     parser.set_defaults(run=lambda args: _print_scores(reevaluate(args.run_dir, args.predictions)))
 
 
@@ -59,9 +59,15 @@ def _exit(command: str, error: Exception) -> NoReturn:
 
 def reevaluate(run_dir: str | Path, predictions: str | Path | None = None) -> dict[str, dict[str, float]]:
     """Scores of each method's final adapters on its tasks' eval sets, written to
-    ``RUN_DIR/<method>/eval.json`` (compare with the last row of its ``results.json``); with
-    ``--predictions FILE``, every test example's record, one JSON line each."""
+    ``RUN_DIR/<method>/eval.json`` (compare with the last row of its ``results.json``; a run with
+    ``--seeds``: each seed's in ``RUN_DIR/seed-<s>/<method>/eval.json``, their mean in
+    ``RUN_DIR/<method>/eval.json``); with ``--predictions FILE``, every test example's record, one JSON
+    line each (with its ``seed`` in a run with ``--seeds``)."""
+    import numpy as np
+
     from switchcit.cit.checkpoint import write_json_atomic
+    from switchcit.cit.evaluation import write_predictions
+    from switchcit.cit.results import seed_runs
     from switchcit.cit.trainer import Trainer
 
     run_dir = Path(run_dir)
@@ -70,16 +76,25 @@ def reevaluate(run_dir: str | Path, predictions: str | Path | None = None) -> di
         config.validate()
     except (ValueError, FileNotFoundError) as err:
         _exit("eval", err)
-    trainer = Trainer(config)
-    final, records = {}, []
-    for method in config.methods:
-        scores, method_records = trainer.evaluate_saved(method)
-        write_json_atomic(run_dir / method / "eval.json", scores)
-        final[method] = scores
-        records += [{"method": method} | record for record in method_records]
-        logger.info("%s: %s", method, ", ".join(f"{t} {s:.2f}" for t, s in scores.items()))
+    per_seed, records = {method: [] for method in config.methods}, []
+    for run in seed_runs(config):
+        trainer = Trainer(run)
+        for method in config.methods:
+            scores, method_records = trainer.evaluate_saved(method)
+            write_json_atomic(Path(run.out) / method / "eval.json", scores)
+            per_seed[method].append(scores)
+            tag = {"seed": run.seed} if config.seeds else {}
+            records += [{"method": method} | tag | record for record in method_records]
+            logger.info("%s%s: %s", method, f" (seed {run.seed})" if config.seeds else "",
+                        ", ".join(f"{t} {s:.2f}" for t, s in scores.items()))
+    final = {method: {task: float(score) for task, score in
+                      zip(config.task_names, np.mean([[s[t] for t in config.task_names] for s in seeds], axis=0))}
+             for method, seeds in per_seed.items()}
+    if config.seeds:
+        for method, scores in final.items():
+            write_json_atomic(run_dir / method / "eval.json", scores)
     if predictions is not None:
-        Path(predictions).write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_predictions(predictions, records)
     return final
 
 
@@ -89,14 +104,26 @@ def _print_scores(final: dict[str, dict[str, float]]) -> None:
 
 
 def print_summary(results: dict[str, dict], out: Path) -> None:
+    """The methods' AP, BWT and FWT (with their 95 % intervals) and final per-task scores, the base
+    model's and the trivial baseline's scores, and where the report and plots are."""
+    from switchcit.cit.report import figure_text
+
     def fmt(value):
         return "—" if value is None else f"{value:.2f}"
 
-    print(f"\n{'method':12s} {'AP':>7s} {'BWT':>7s} {'FWT':>7s}  " + "  ".join(results[next(iter(results))]["tasks"]))
+    first = next(iter(results.values()))
+    seeds = first.get("seeds") or []
+    print(f"\n{len(seeds) or 1} seed(s); [95 % interval]")
+    print(f"{'method':16s} {'AP':>22s} {'BWT':>22s} {'FWT':>22s}  " + "  ".join(first["tasks"]))
     for method, r in results.items():
-        print(f"{method:12s} {fmt(r['AP']):>7s} {fmt(r['BWT']):>7s} {fmt(r['FWT']):>7s}  "
+        print(f"{method:16s} " + " ".join(f"{figure_text(r, name):>22s}" for name in ("AP", "BWT", "FWT")) + "  "
               + "  ".join(fmt(s) for s in r["matrix"][-1]))
-    print(f"report: {out / 'report.md'}; plots: {', '.join(str(p) for p in sorted(out.glob('*/*.png')))}")
+    for label, key in (("base model", "baseline"), ("trivial baseline", "trivial_baseline")):
+        if first.get(key):
+            print(f"{label:16s} " + " ".join(f"{'—':>22s}" for _ in range(3)) + "  "
+                  + "  ".join(fmt(s) for s in first[key]))
+    plots = sorted(out.glob("*.png")) + sorted(out.glob("*/*.png"))
+    print(f"report: {out / 'report.md'}; plots: {', '.join(map(str, plots))}")
 
 
 def log_to(path: Path) -> None:

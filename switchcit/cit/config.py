@@ -84,6 +84,9 @@ class TrainConfig:
     fields: dict[str, str] = _setting({}, "read our field (prompt, target, references, source, label) from the files' "
                                           "key THEIRS", flag="field", metavar="OURS=THEIRS")
     seed: int = _setting(0, "seed of sampling, initialisation and batches")
+    seeds: list[int] = _setting([], "run the whole stream once per seed (instead of --seed), each in "
+                                    "RUN_DIR/seed-<s>/; results.json and report.md in RUN_DIR then give means and "
+                                    "intervals over the seeds", metavar="SEED[,SEED...]")
 
     def validate(self) -> None:
         """Fail fast, before any model is loaded: unknown methods, bad numbers or choices, a device or
@@ -115,6 +118,9 @@ class TrainConfig:
         if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
         self._check_device()
+        if not all(type(seed) is int for seed in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds needs distinct integers separated by commas, got "
+                             f"{','.join(map(str, self.seeds))}")
         model_config = Path(self.base) / "config.json"
         if not model_config.is_file():
             raise FileNotFoundError(f"base model folder {self.base} has no config.json")
@@ -309,7 +315,7 @@ def _maps(setting: dataclasses.Field) -> bool:
 
 def _kind(setting: dataclasses.Field):
     """How a flag's text becomes the setting's value."""
-    return {"list[str]": _comma_list, "int": int, "float": float, "str": str, "int | None": int,
+    return {"list[str]": _comma_list, "list[int]": _int_list, "int": int, "float": float, "str": str, "int | None": int,
             "str | None": str}[setting.type]
 
 
@@ -319,7 +325,7 @@ def _default(setting: dataclasses.Field):
 
 def _shown(value) -> str:
     if isinstance(value, list):
-        return ",".join(value)
+        return ",".join(map(str, value)) or "none"
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items()) or "none"
     return str(value)
@@ -335,6 +341,12 @@ def _pairs(texts, flag: str, metavar: str) -> dict[str, str]:
                 raise ValueError(f"{flag} needs {metavar}, got {pair!r}")
             pairs[key] = value
     return pairs
+
+
+def _int_list(text: str) -> list[int | str]:
+    """Comma-separated integers; a part that is none stays text, for :meth:`TrainConfig.validate` to
+    refuse in one line (an argparse type error would print the usage too)."""
+    return [int(part) if part.lstrip("-").isdigit() else part for part in _comma_list(text)]
 
 
 def _comma_list(text: str) -> list[str]:

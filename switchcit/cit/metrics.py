@@ -36,7 +36,8 @@ from switchcit.cit.data import Example
 __all__ = [
     "sari", "corpus_sari", "rouge", "bleu", "yes_no_accuracy", "exact_match",
     "TASK_METRICS", "DEFAULT_METRICS", "METRIC_NAMES", "METRIC_FIELDS",
-    "main_metric", "score_task", "continual_metrics", "results_dict",
+    "CLASSIFICATION_METRICS", "FIGURES", "main_metric", "score_task", "example_statistics", "score_of_statistics",
+    "continual_metrics", "continual_figures", "bootstrap_intervals", "results_dict",
 ]
 
 SARI_MAX_ORDER = 4
@@ -94,25 +95,36 @@ def _sari_counts(source: str, prediction: str, references: Sequence[str]) -> np.
     return counts
 
 
-def _sari_from_counts(counts: np.ndarray) -> float:
-    correct, by_prediction, by_references = np.moveaxis(counts, -1, 0)
+def _sari_from_counts(counts: np.ndarray) -> np.ndarray:
+    """SARI of pooled counts ``[..., order, operation, 3]``, one score per leading index."""
+    correct, by_prediction, by_references = np.moveaxis(np.asarray(counts, dtype=float), -1, 0)
     precision = np.divide(correct, by_prediction, out=np.zeros_like(correct), where=by_prediction > 0)
     recall = np.divide(correct, by_references, out=np.zeros_like(correct), where=by_references > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(correct),
                    where=precision + recall > 0)
-    add, keep, delete = f1[:, ADD].mean(), f1[:, KEEP].mean(), precision[:, DELETE].mean()
-    return float(100 * (add + keep + delete) / 3)
+    add, keep, delete = f1[..., ADD].mean(-1), f1[..., KEEP].mean(-1), precision[..., DELETE].mean(-1)
+    return 100 * (add + keep + delete) / 3
+
+
+def _sari_statistics(sources: Sequence[str], predictions: Sequence[str],
+                     references_list: Sequence[Sequence[str]]) -> np.ndarray:
+    """Each sentence's SARI counts, flattened: ``[sentences, order × operation × 3]``."""
+    _check_lengths(predictions, sources=sources, references=references_list)
+    return np.stack([_sari_counts(*sentence).ravel() for sentence in zip(sources, predictions, references_list)])
+
+
+def _sari_of_totals(totals: np.ndarray) -> np.ndarray:
+    return _sari_from_counts(totals.reshape(*totals.shape[:-1], SARI_MAX_ORDER, 3, 3))
 
 
 def sari(source: str, prediction: str, references: Sequence[str]) -> float:
     """SARI (0–100) of ``prediction`` as a simplification of ``source``; see the module notes."""
-    return _sari_from_counts(_sari_counts(source, prediction, references))
+    return float(_sari_from_counts(_sari_counts(source, prediction, references)))
 
 
 def corpus_sari(sources: Sequence[str], predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> float:
     """SARI of a corpus from the n-gram counts of all its sentences pooled (not a mean of sentence scores)."""
-    _check_lengths(predictions, sources=sources, references=references_list)
-    return _sari_from_counts(sum(map(_sari_counts, sources, predictions, references_list)))
+    return float(_sari_of_totals(_sari_statistics(sources, predictions, references_list).sum(0)))
 
 
 # --- generation and classification metrics ---------------------------------------------------------
@@ -125,45 +137,82 @@ def _check_lengths(predictions: Sequence, **others: Sequence) -> None:
             raise ValueError(f"{len(predictions)} predictions but {len(values)} {name}")
 
 
-def rouge(predictions: Sequence[str], references_list: Sequence[Sequence[str]], kind: str = "rougeL") -> float:
-    """Mean ROUGE F-measure × 100 (``rouge-score``, no stemming); each prediction is scored against its
-    best-matching reference."""
+def _mean_statistics(scores) -> np.ndarray:
+    """``[score, 1]`` per example: summed, the corpus mean is their ratio."""
+    scores = np.asarray(list(scores), dtype=float)
+    return np.stack([scores, np.ones_like(scores)], axis=-1)
+
+
+def _mean_of_totals(totals: np.ndarray) -> np.ndarray:
+    return totals[..., 0] / totals[..., 1]
+
+
+def _rouge_statistics(predictions: Sequence[str], references_list: Sequence[Sequence[str]],
+                      kind: str) -> np.ndarray:
     from rouge_score.rouge_scorer import RougeScorer
 
     _check_lengths(predictions, references=references_list)
     scorer = RougeScorer([kind])
-    return 100 * statistics.fmean(scorer.score_multi(list(references), prediction)[kind].fmeasure
-                                  for prediction, references in zip(predictions, references_list))
+    return _mean_statistics(100 * scorer.score_multi(list(references), prediction)[kind].fmeasure
+                            for prediction, references in zip(predictions, references_list))
 
 
-def bleu(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> float:
-    """sacrebleu corpus BLEU; examples may have different numbers of references."""
-    from sacrebleu import corpus_bleu
+def rouge(predictions: Sequence[str], references_list: Sequence[Sequence[str]], kind: str = "rougeL") -> float:
+    """Mean ROUGE F-measure × 100 (``rouge-score``, no stemming); each prediction is scored against its
+    best-matching reference."""
+    return float(_mean_of_totals(_rouge_statistics(predictions, references_list, kind).sum(0)))
 
+
+@lru_cache(maxsize=1)
+def _bleu_metric():
+    from sacrebleu.metrics import BLEU
+
+    return BLEU()  # corpus_bleu's settings
+
+
+def _bleu_statistics(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> np.ndarray:
+    """sacrebleu's sentence statistics (lengths, n-gram matches and totals; what its own bootstrap sums)."""
     _check_lengths(predictions, references=references_list)
     n_streams = max(map(len, references_list))
     # sacrebleu wants one stream per reference position; None marks a missing reference.
     streams = [[refs[k] if k < len(refs) else None for refs in references_list] for k in range(n_streams)]
-    return corpus_bleu(list(predictions), streams).score
+    return np.array(_bleu_metric()._extract_corpus_statistics(list(predictions), streams), dtype=float)
+
+
+def _bleu_of_totals(totals: np.ndarray) -> np.ndarray:
+    return np.apply_along_axis(lambda row: _bleu_metric()._compute_score_from_stats(row).score, -1, totals)
+
+
+def bleu(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> float:
+    """sacrebleu corpus BLEU; examples may have different numbers of references."""
+    return float(_bleu_of_totals(_bleu_statistics(predictions, references_list).sum(0)))
 
 
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
+def _yes_no_statistics(predictions: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    _check_lengths(predictions, labels=labels)
+    answers = [_YES_NO.search(prediction) for prediction in predictions]
+    return _mean_statistics(100 * (answer is not None and answer[1].lower() == label.strip().lower())
+                            for answer, label in zip(answers, labels))
+
+
 def yes_no_accuracy(predictions: Sequence[str], labels: Sequence[str]) -> float:
     """Percentage of predictions whose first whole word "yes" or "no" (any case) matches the label; a
     prediction with neither word is wrong."""
+    return float(_mean_of_totals(_yes_no_statistics(predictions, labels).sum(0)))
+
+
+def _exact_match_statistics(predictions: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     _check_lengths(predictions, labels=labels)
-    answers = [_YES_NO.search(prediction) for prediction in predictions]
-    return 100 * statistics.fmean(answer is not None and answer[1].lower() == label.strip().lower()
-                                  for answer, label in zip(answers, labels))
+    return _mean_statistics(100 * (prediction.strip().casefold() == label.strip().casefold())
+                            for prediction, label in zip(predictions, labels))
 
 
 def exact_match(predictions: Sequence[str], labels: Sequence[str]) -> float:
     """Percentage of predictions equal to the label, ignoring case and surrounding whitespace."""
-    _check_lengths(predictions, labels=labels)
-    return 100 * statistics.fmean(prediction.strip().casefold() == label.strip().casefold()
-                                  for prediction, label in zip(predictions, labels))
+    return float(_mean_of_totals(_exact_match_statistics(predictions, labels).sum(0)))
 
 
 # --- per-task scoring -------------------------------------------------------------------------------
@@ -186,13 +235,40 @@ def _labels(examples: Sequence[Example]) -> list[str]:
     return [example.label for example in examples]
 
 
+# Every metric is a function of per-example statistics summed over the corpus: a resample of the
+# examples is a weighted sum of their rows, and the corpus metric is recomputed from it exactly.
+_STATISTICS: dict[str, Callable[[Sequence[Example], Sequence[str]], np.ndarray]] = {
+    "sari": lambda examples, predictions: _sari_statistics(_sources(examples), predictions, _references(examples)),
+    "rougeL": lambda examples, predictions: _rouge_statistics(predictions, _references(examples), "rougeL"),
+    "rouge1": lambda examples, predictions: _rouge_statistics(predictions, _references(examples), "rouge1"),
+    "bleu": lambda examples, predictions: _bleu_statistics(predictions, _references(examples)),
+    "accuracy": lambda examples, predictions: _yes_no_statistics(predictions, _labels(examples)),
+    "exact_match": lambda examples, predictions: _exact_match_statistics(predictions, _labels(examples)),
+}
+_SCORE_OF_TOTALS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "sari": _sari_of_totals, "rougeL": _mean_of_totals, "rouge1": _mean_of_totals, "bleu": _bleu_of_totals,
+    "accuracy": _mean_of_totals, "exact_match": _mean_of_totals,
+}
+# The metrics that score a class label (their trivial baseline is the majority class).
+CLASSIFICATION_METRICS: tuple[str, ...] = ("accuracy", "exact_match")
+
+
+def example_statistics(metric: str, examples: Sequence[Example], predictions: Sequence[str]) -> np.ndarray:
+    """``metric``'s statistics of each prediction, ``[examples, k]``: the corpus score is
+    :func:`score_of_statistics` of their sum."""
+    return _STATISTICS[metric](examples, predictions)
+
+
+def score_of_statistics(metric: str, totals: np.ndarray) -> np.ndarray:
+    """``metric``'s score of statistics summed over examples, ``[..., k]`` → ``[...]`` (one row: that
+    example's own score)."""
+    return _SCORE_OF_TOTALS[metric](np.asarray(totals, dtype=float))
+
+
 _METRICS: dict[str, Callable[[Sequence[Example], Sequence[str]], float]] = {
-    "sari": lambda examples, predictions: corpus_sari(_sources(examples), predictions, _references(examples)),
-    "rougeL": lambda examples, predictions: rouge(predictions, _references(examples), "rougeL"),
-    "rouge1": lambda examples, predictions: rouge(predictions, _references(examples), "rouge1"),
-    "bleu": lambda examples, predictions: bleu(predictions, _references(examples)),
-    "accuracy": lambda examples, predictions: yes_no_accuracy(predictions, _labels(examples)),
-    "exact_match": lambda examples, predictions: exact_match(predictions, _labels(examples)),
+    name: lambda examples, predictions, name=name: float(
+        score_of_statistics(name, example_statistics(name, examples, predictions).sum(0)))
+    for name in _STATISTICS
 }
 
 # The metrics of each task of the stream, main metric first.
@@ -275,32 +351,120 @@ def continual_metrics(matrix: Sequence[Sequence[float | None]], baseline: Sequen
     }
 
 
-def _floats(values: Sequence[float | None] | None) -> list[float | None] | None:
-    """Plain floats (JSON-serialisable, e.g. from numpy scalars), keeping None."""
-    return None if values is None else [None if value is None else float(value) for value in values]
+# The figures of a run, in results.json's order; each is followed there by its interval (``<name>_ci``).
+FIGURES = ("matrix", "baseline", "trivial_baseline", "AP", "BWT", "FWT", "forgetting")
 
 
-def results_dict(method: str, tasks: Sequence[str], matrix: Sequence[Sequence[float | None]],
-                 baseline: Sequence[float | None] | None = None,
-                 switch_accuracy: Sequence[float | None] | None = None,
-                 metrics: Mapping[str, str] | None = None) -> dict:
+def continual_figures(matrix: Sequence[Sequence[float | None]], baseline: Sequence[float | None] | None = None,
+                      trivial_baseline: Sequence[float | None] | None = None) -> dict:
+    """The :data:`FIGURES` of one run: its score matrix, the base model's scores (``baseline``, b_i of
+    FWT), the trivial baseline's scores (majority class or copy of the input) and the continual metrics."""
+    summary = continual_metrics(matrix, baseline)
+    return {"matrix": [list(row) for row in matrix], "baseline": None if baseline is None else list(baseline),
+            "trivial_baseline": None if trivial_baseline is None else list(trivial_baseline),
+            **{name: summary[name] for name in ("AP", "BWT", "FWT", "forgetting")}}
+
+
+def _array(value) -> np.ndarray:
+    """A figure (a number, a list or a list of lists; None inside) as floats, NaN for None."""
+    if isinstance(value, (list, tuple)):
+        return np.array([_array(item) for item in value], dtype=float)
+    return np.array(np.nan if value is None else value, dtype=float)
+
+
+def _plain(values: np.ndarray, leaf_ndim: int = 0):
+    """Back to nested lists of floats, None where NaN; the last ``leaf_ndim`` axes form one leaf."""
+    if values.ndim > leaf_ndim:
+        return [_plain(item, leaf_ndim) for item in values]
+    return None if np.isnan(values).any() else values.tolist()
+
+
+def bootstrap_intervals(tables: Sequence[Sequence[Sequence[np.ndarray | None]]], metrics: Sequence[str],
+                        figures: Callable[[list[list[float | None]]], Mapping], *, replicates: int = 1000,
+                        level: float = 0.95, seed: int = 0) -> dict:
+    """Each figure's mean over seeds and its percentile bootstrap interval over seeds and examples.
+
+    ``tables[s][r][i]``: :func:`example_statistics` of task i in row r (a stage, a baseline…) of seed s,
+    None where not evaluated; every row of a task holds the same examples in the same order.
+    ``metrics[i]``: task i's metric. ``figures(scores)``: named figures (a number, a list or a list of
+    lists, None inside) of one table of scores (rows × tasks, None where not evaluated).
+
+    A replicate draws as many seeds as there are, with replacement; for each drawn seed and task it
+    draws the task's examples with replacement, one draw for all rows (paired), and recomputes every
+    cell's corpus metric from the resampled statistics; its figures are the mean of the drawn seeds'.
+    Returns ``{name: mean over the seeds, name + "_ci": [low, high]}``, the central ``level`` of the
+    replicates (None where a figure is None). Seeded: the same inputs give the same intervals."""
+    if not tables or not 0 < level < 1 or replicates < 1:
+        raise ValueError(f"need at least one table, 0 < level < 1 and replicates ≥ 1 (got {len(tables)}, "
+                         f"{level}, {replicates})")
+    n_rows, n_tasks = len(tables[0]), len(metrics)
+    if any(len(table) != n_rows or any(len(row) != n_tasks for row in table) for table in tables):
+        raise ValueError(f"every table needs {n_rows} rows of {n_tasks} tasks")
+
+    def figures_of(scores: np.ndarray) -> dict[str, np.ndarray]:
+        table = [[None if np.isnan(score) else float(score) for score in row] for row in scores]
+        return {name: _array(value) for name, value in figures(table).items()}
+
+    observed = np.full((len(tables), n_rows, n_tasks), np.nan)
+    resampled = np.full((replicates, len(tables), n_rows, n_tasks), np.nan)
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(len(tables), size=(replicates, len(tables)))
+    for s, table in enumerate(tables):
+        picked = drawn == s
+        for i, metric in enumerate(metrics):
+            cells = [(r, np.asarray(row[i], dtype=float)) for r, row in enumerate(table) if row[i] is not None]
+            if not cells:
+                continue
+            n_examples = len(cells[0][1])
+            if any(len(rows) != n_examples for _, rows in cells):
+                raise ValueError(f"seed {s}, task {i}: rows hold different numbers of examples")
+            weights = rng.multinomial(n_examples, np.full(n_examples, 1 / n_examples), size=int(picked.sum()))
+            for r, rows in cells:
+                observed[s, r, i] = score_of_statistics(metric, rows.sum(0))
+                if len(weights):  # a seed no replicate drew
+                    resampled[picked, r, i] = score_of_statistics(metric, weights @ rows)
+
+    per_seed = [figures_of(scores) for scores in observed]
+    per_replicate = [[figures_of(scores) for scores in draw] for draw in resampled]
+    estimates = {}
+    for name in per_seed[0]:
+        mean = np.mean([figures[name] for figures in per_seed], axis=0)
+        replicate_means = np.array([np.mean([figures[name] for figures in draw], axis=0) for draw in per_replicate])
+        low, high = np.quantile(replicate_means, [(1 - level) / 2, (1 + level) / 2], axis=0)
+        estimates[name] = _plain(mean)
+        estimates[f"{name}_ci"] = _plain(np.stack([low, high], axis=-1), leaf_ndim=1)
+    return estimates
+
+
+def _floats(values):
+    """Plain floats (JSON-serialisable, e.g. from numpy scalars), keeping None, at any nesting."""
+    if values is None or isinstance(values, (list, tuple)):
+        return None if values is None else [_floats(value) for value in values]
+    return float(values)
+
+
+def results_dict(method: str, tasks: Sequence[str], estimates: Mapping, *, seeds: Sequence[int] | None = None,
+                 metrics: Mapping[str, str] | None = None, trivial_rule: Mapping[str, str] | None = None,
+                 switch_accuracy: Sequence[float | None] | None = None) -> dict:
     """The ``results.json`` record of one method: task order, main metric per task (``metrics``, else
-    each task's fallback), score matrix, baseline, the continual metrics and the switch accuracy per
-    stage in percent (None when the method does not route)."""
+    each task's fallback), the seeds, then each of :data:`FIGURES` from ``estimates`` (from
+    :func:`bootstrap_intervals`, or :func:`continual_figures` of one run) followed by its interval
+    ``<name>_ci`` (None without one), the trivial baseline's rule per task, and the switch accuracy per
+    stage in percent (mean over seeds; None when the method does not route)."""
+    matrix = estimates["matrix"]
     if len(tasks) != len(matrix):
         raise ValueError(f"{len(tasks)} task names for a score matrix of {len(matrix)} stages")
     if switch_accuracy is not None and len(switch_accuracy) != len(tasks):
         raise ValueError(f"{len(switch_accuracy)} switch accuracies for {len(tasks)} stages")
-    summary = continual_metrics(matrix, baseline)
-    return {
+    record = {
         "method": method,
         "tasks": list(tasks),
         "metric": {task: main_metric(task, (metrics or {}).get(task)) for task in tasks},
-        "matrix": [_floats(row) for row in matrix],
-        "baseline": _floats(baseline),
-        "AP": summary["AP"],
-        "BWT": summary["BWT"],
-        "FWT": summary["FWT"],
-        "forgetting": summary["forgetting"],
-        "switch_accuracy": _floats(switch_accuracy),
+        "seeds": None if seeds is None else [int(seed) for seed in seeds],
     }
+    for name in FIGURES:
+        record[name] = _floats(estimates.get(name))
+        record[f"{name}_ci"] = estimates.get(f"{name}_ci")
+    record["trivial_rule"] = None if trivial_rule is None else dict(trivial_rule)
+    record["switch_accuracy"] = _floats(switch_accuracy)
+    return record

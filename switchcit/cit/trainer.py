@@ -47,9 +47,16 @@ from switchcit.cit.checkpoint import (
 )
 from switchcit.cit.config import LR_SCHEDULERS, TrainConfig
 from switchcit.cit.data import Example, load_task, retained_sample
-from switchcit.cit.evaluation import evaluate_tasks, routing_accuracy
+from switchcit.cit.evaluation import (
+    BASE_PREDICTIONS,
+    evaluate_tasks,
+    load_eval_sets,
+    routing_accuracy,
+    stage_predictions,
+    write_predictions,
+)
 from switchcit.cit.methods import METHODS, Method
-from switchcit.cit.metrics import main_metric, results_dict
+from switchcit.cit.metrics import main_metric
 from switchcit.prompts import prompt_tokens
 
 __all__ = ["Trainer", "collate", "draw_batch", "encode_example", "lr_schedule", "target_loss", "train"]
@@ -96,20 +103,20 @@ class Trainer:
                             task, self.metrics[task])
         self.train_sets = {n: load_task(t, "train", config.fields, config.train_examples)
                            for n, t in zip(self.tasks, config.tasks)}
-        self.eval_sets = {n: _sample(load_task(t, "test", config.fields), config.eval_examples, config.seed)
-                          for n, t in zip(self.tasks, config.tasks)}
+        self.eval_sets = load_eval_sets(config)
         self.retained = {n: retained_sample(examples, config.retention, config.seed)
                          for n, examples in self.train_sets.items()}
 
     # ------------------------------------------------------------------ the stream
 
     def run(self) -> dict[str, dict]:
-        """Train and evaluate every method through the whole stream (continuing a killed run)."""
+        """Train and evaluate every method through the whole stream (continuing a killed run), then
+        write the results and the report (:func:`switchcit.cit.results.write_results`); returns them
+        (``{}`` on ranks other than 0)."""
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             self.config.save()
-        baseline = self.baseline()
-        results = {}
+        self.baseline()
         for name in self.config.methods:
             method = METHODS[name]
             state = load_state(self.out / name)
@@ -121,18 +128,11 @@ class Trainer:
                 state["stages_done"] = stage + 1
                 if self.rank == 0:
                     write_json_atomic(self.out / name / STATE_FILE, state)
-            results[name] = results_dict(name, self.tasks, state["matrix"], baseline,
-                                         state["switch_accuracy"] if method.routing == "switch" else None,
-                                         self.metrics)
-            if self.rank == 0:
-                write_json_atomic(self.out / name / "results.json", results[name])
-                logger.info("%s: AP %.2f, BWT %s", name, results[name]["AP"], _fmt(results[name]["BWT"]))
-        if self.rank == 0:
-            from switchcit.cit.report import write_report
+        if self.rank != 0:
+            return {}
+        from switchcit.cit.results import write_results
 
-            paths = write_report(self.out, results)
-            logger.info("report: %s", ", ".join(map(str, paths)))
-        return results
+        return write_results(self.config)
 
     def stage(self, method: Method, stage: int) -> tuple[list[float | None], float | None]:
         """Train ``method`` on task ``stage`` (resuming from its checkpoint), then evaluate every task:
@@ -263,11 +263,13 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation (through the pipeline)
 
     def baseline(self) -> list[float]:
-        """The base model's score on every task (b_i of FWT), computed once per run."""
+        """The base model's score on every task (b_i of FWT), computed once per run; its predictions
+        go to ``RUN_DIR/predictions/base-model.jsonl``."""
         path = self.out / "baseline.json"
-        if not path.is_file():
+        if not (path.is_file() and (self.out / BASE_PREDICTIONS).is_file()):
             if self.rank == 0:
-                scores, _ = self._evaluate(lambda prompt_tasks: [None] * len(prompt_tasks))
+                scores, predictions = self._evaluate(lambda prompt_tasks: [None] * len(prompt_tasks))
+                write_predictions(self.out / BASE_PREDICTIONS, predictions)
                 write_json_atomic(path, scores)
             _barrier()
         scores = json.loads(path.read_text())
@@ -275,11 +277,13 @@ class Trainer:
 
     def evaluate(self, method: Method, stage: int) -> tuple[list[float | None], float | None]:
         """Every task's score with the adapters ``method`` has after ``stage``, and the switch's accuracy
-        (percent of the seen tasks' prompts sent to their own adapter) when the switch routes."""
+        (percent of the seen tasks' prompts sent to their own adapter) when the switch routes; the
+        predictions go to ``RUN_DIR/<method>/predictions/stage-<stage + 1>.jsonl``."""
         if self.rank != 0:
             _barrier()
             return [None] * len(self.tasks), None  # rank 0 holds the results
         scores, predictions = self._evaluate(lambda prompt_tasks: method.eval_adapters(self.tasks, stage, prompt_tasks))
+        write_predictions(stage_predictions(self.out, method.name, stage), predictions)
         accuracy = None
         if method.routing == "switch":
             accuracy = routing_accuracy(predictions, self.tasks[: stage + 1])
@@ -400,8 +404,21 @@ def target_loss(model, input_ids, labels, attention_mask) -> torch.Tensor:
 
 
 def train(config: TrainConfig) -> dict[str, dict]:
-    """Run (or continue) the stream; returns ``{method: results}`` as written to ``results.json``."""
-    return Trainer(config).run()
+    """Run (or continue) the stream — with ``seeds``, once per seed in ``RUN_DIR/seed-<s>/``, then the
+    results over all of them; returns ``{method: results}`` as written to ``results.json`` (``{}`` on
+    ranks other than 0)."""
+    from switchcit.cit.results import seed_runs, write_results
+
+    runs = seed_runs(config)
+    if runs == [config]:
+        return Trainer(config).run()
+    config.validate()
+    rank, _ = _distributed_rank_and_size()
+    if rank == 0:
+        config.save()  # the run's settings: the same command continues it, other settings are refused
+    for run in runs:
+        Trainer(run).run()
+    return write_results(config) if rank == 0 else {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,14 +430,6 @@ def _seed(*parts) -> int:
     import hashlib
 
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
-def _sample(examples: list[Example], count: int, seed: int) -> list[Example]:
-    return retained_sample(examples, min(1.0, count / len(examples)), seed)[:count]
-
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
 
 
 def _progress(iterable, description: str, **options):
