@@ -30,9 +30,10 @@ def tiny_run(tmp_path_factory) -> Path:
 
 def stub_upstream(received: list):
     """An OpenAI-compatible stub (a plain Starlette app): records each body; answers with the model it
-    was asked for, or with a 400 error when max_tokens is 999 (as vLLM does for a limit it refuses)."""
+    was asked for, or with a 400 error when max_tokens is 999 (as vLLM does for a limit it refuses);
+    ``GET /health`` answers 200 with no body, as vLLM's does."""
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     async def answer(request):
@@ -46,5 +47,8 @@ def stub_upstream(received: list):
             "choices": [{"index": 0, "text": f"written by {payload['model']}", "finish_reason": "length"}],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
+    async def health(request):
+        return Response()
+
     paths = ("/v1/completions", "/v1/chat/completions")
-    return Starlette(routes=[Route(path, answer, methods=["POST"]) for path in paths])
+    return Starlette(routes=[*[Route(path, answer, methods=["POST"]) for path in paths], Route("/health", health)])

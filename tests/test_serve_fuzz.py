@@ -20,8 +20,7 @@ from serve_fixtures import TASKS, serving, stub_upstream, tiny_run  # noqa: E402
 from switchcit.pipeline import SwitchModel  # noqa: E402
 from switchcit.runs import read_run  # noqa: E402
 from switchcit.serving.app import create_app  # noqa: E402
-from switchcit.serving.gateway import create_gateway  # noqa: E402
-from switchcit.switch import Switch  # noqa: E402
+from switchcit.serving.gateway import create_gateway, load_routing_switch  # noqa: E402
 
 # Any code point, lone surrogates included (json.dumps writes them as \udXXX escapes), and some often.
 text = st.text(st.characters(exclude_categories=()) | st.sampled_from(["\ud800", "\udfff", "\x00", "\n", "é", "🙂"]),
@@ -92,8 +91,7 @@ def test_fuzzed_requests_to_the_server(run_dir):
 
 
 def test_fuzzed_requests_to_the_gateway(run_dir):
-    run = read_run(run_dir)
-    switch = Switch.load(run.switch, encoder=run.base)
+    switch = load_routing_switch(run_dir)  # as `switchcit route` loads it: the layers below the switch only
     with serving(stub_upstream([]), draining=False) as (upstream_url, _):
-        with serving(create_gateway(switch, list(run.adapters), upstream_url)) as (url, _):
+        with serving(create_gateway(switch, list(read_run(run_dir).adapters), upstream_url)) as (url, _):
             fuzz(url)
