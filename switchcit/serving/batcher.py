@@ -1,4 +1,4 @@
-"""Dynamic batching for the server and the gateway: a bounded queue → batches → one worker thread."""
+"""Dynamic batching for the gateway's routing: a bounded queue → batches → one worker thread."""
 import asyncio
 import logging
 from collections import deque

@@ -12,13 +12,13 @@ answers pass through event by event as the upstream sends them, each chunk's cho
 ``"adapter"``. Requests for ``auto`` that arrive together are routed in one batch, each checked
 before it joins one (its routing text tokenised as the switch reads it, at most
 ``--max-prompt-tokens``); a batch that still fails is routed again prompt by prompt, so only a
-faulty request gets its error. A completion with several prompts is forwarded whole, so they must
-all go to one adapter.
+faulty request gets its error. A completion with several prompts is forwarded whole, so with
+``auto`` they must all route to one adapter (else 400).
 
-Upstream faults: a connection not accepted within ``--connect-timeout`` (5 s) or an answer that
-breaks off → 502, no answer within ``--timeout`` (600 s; a whole answer) or a stream silent for
-``--stream-timeout`` (60 s) → 504, in OpenAI's error shape; a stream that breaks off ends with an
-error event and ``data: [DONE]``. ``/health`` is 503 with the reason while the upstream's
+Upstream faults, in OpenAI's error shape: a refused connection or an answer that breaks off → 502;
+no connection within ``--connect-timeout`` (5 s), no whole answer within ``--timeout`` (600 s) or a
+stream silent for ``--stream-timeout`` (60 s) → 504; a stream that fails after it started ends with
+an error event and ``data: [DONE]``. ``/health`` is 503 with the reason while the upstream's
 ``/health`` (``/v1/models`` where it has none) does not answer.
 
 ``switchcit export-vllm RUN_DIR OUT_DIR``: copies the run's adapters to ``OUT_DIR/adapters/<task>/``
