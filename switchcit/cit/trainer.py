@@ -4,9 +4,11 @@ task stream, read top to bottom:
     run → for each method, for each task of the stream: stage → train_adapter, then evaluate
 
 Evaluation generates through the one pipeline (:class:`switchcit.pipeline.SwitchModel`) that
-``switchcit serve`` runs, filling row t of R[t][i]. ``RUN_DIR/<method>/results.json`` holds R, AP, BWT,
-FWT, forgetting (and the switch's accuracy per stage); ``RUN_DIR/report.md`` and PNG plots compare the
-methods; ``RUN_DIR/switchcit/`` is what ``switchcit serve`` loads.
+``switchcit serve`` runs, filling row t of R[t][i], and saving every prediction. From those,
+``RUN_DIR/<method>/results.json`` holds R, AP, BWT, FWT, forgetting with their 95 % intervals, the
+baselines (and the switch's accuracy per stage) (:mod:`switchcit.cit.results`); ``RUN_DIR/report.md``
+and PNG plots compare the methods; ``RUN_DIR/switchcit/`` is what ``switchcit serve`` loads. With
+``--seeds``, a whole run per seed in ``RUN_DIR/seed-<s>/``, and the results over all of them.
 
 The switch reads the input of decoder layer K (``switch_layer``) and every method's LoRA covers
 layers K…L−1 (PEFT ``layers_to_transform``), so training and the routed forward compute the same
