@@ -20,7 +20,7 @@ from switchcit.modules import MultiLoraLinear, RoutingContext, attach_context
 from switchcit.peft_patch import CONTEXT_ATTR
 
 __all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "adapter_layers", "load_adapters", "routing_context", "save_adapter",
-           "set_adapters"]
+           "install_adapters", "read_adapter", "set_adapters", "unload_adapter"]
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -42,26 +42,46 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, str | Path]) -> nn.Mo
     ``switchcit.set_adapters(model, ["task", None, ...])`` — one adapter per sequence — before a forward or
     ``generate``. Returns ``model``.
     """
+    install_adapters(model, [read_adapter(model, name, folder) for name, folder in adapters.items()])
+    return model
+
+
+def read_adapter(model: nn.Module, name: str, folder: str | Path) -> tuple[str, dict, dict]:
+    """A PEFT LoRA folder read and checked against ``model`` (every problem raised here, nothing
+    changed): ``(name, config, {module path: (lora_A, lora_B)})`` for :func:`install_adapters`."""
     from safetensors.torch import load_file
 
+    folder = Path(folder)
+    config = _read_lora_config(folder)
+    weights = _group_lora_weights(load_file(str(folder / PEFT_WEIGHTS)), folder)
+    missing = [path for path in weights if not _has_module(model, path)]
+    if missing:
+        raise ValueError(f"adapter {name!r} ({folder}) targets modules this model lacks: {missing[:3]}")
+    return name, config, weights
+
+
+def install_adapters(model: nn.Module, adapters: Sequence[tuple[str, dict, dict]]) -> None:
+    """Put adapters from :func:`read_adapter` into ``model``'s bank (no file access: fast enough to run
+    between two generation steps)."""
     context = getattr(model, CONTEXT_ATTR, None) or RoutingContext()
-    loaded = []
-    for name, folder in adapters.items():  # check every folder before changing the model
-        folder = Path(folder)
-        config = _read_lora_config(folder)
-        weights = _group_lora_weights(load_file(str(folder / PEFT_WEIGHTS)), folder)
-        missing = [path for path in weights if not _has_module(model, path)]
-        if missing:
-            raise ValueError(f"adapter {name!r} ({folder}) targets modules this model lacks: {missing[:3]}")
-        loaded.append((name, config, weights))
-    for name, config, weights in loaded:
+    for name, config, weights in adapters:
         for path, (lora_a, lora_b) in weights.items():
             layer = _bank_layer(model, path, context)
             alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])
-            layer.add_adapter(name, lora_a.to(layer.lora_a.dtype), lora_b.to(layer.lora_b.dtype),
+            layer.add_adapter(name, lora_a.to(layer.lora_a.device, layer.lora_a.dtype),
+                              lora_b.to(layer.lora_b.device, layer.lora_b.dtype),
                               alpha=alpha, use_rslora=bool(config.get("use_rslora")))
     setattr(model, CONTEXT_ATTR, attach_context(model, context))
-    return model
+
+
+def unload_adapter(model: nn.Module, name: str) -> None:
+    """Drop adapter ``name`` from ``model``'s bank; its id stays reserved (plans built before stay valid)."""
+    context = routing_context(model)
+    context.id_of(name)  # KeyError for an unknown adapter, before any change
+    for module in model.modules():
+        if isinstance(module, MultiLoraLinear):
+            module.remove_adapter(name)
+    context.remove(name)
 
 
 def save_adapter(model: nn.Module, name: str, folder: str | Path, base_model_name_or_path: str | None = None) -> Path:

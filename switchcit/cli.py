@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+from typing import NoReturn
 
 COMMAND_MODULES = ("switchcit.demo", "switchcit.cit.commands", "switchcit.serving.app", "switchcit.serving.gateway")
+
+
+def command_error(command: str, error: Exception) -> NoReturn:
+    """A bad command line or input: one line on stderr and exit code 2 (argparse's), no traceback."""
+    print(f"switchcit {command}: " + " ".join(str(error).splitlines()), file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -194,6 +194,11 @@ class Engine:
         return future
 
     @property
+    def waiting(self) -> list[EngineRequest]:
+        with self._lock:
+            return list(self._waiting)
+
+    @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 

@@ -66,10 +66,12 @@ class SwitchModel:
 
     @classmethod
     def from_pretrained(cls, base: str | Path, adapters: dict[str, str | Path], switch: str | Path | None = None,
-                        switch_layer: int | None = None) -> SwitchModel:
+                        switch_layer: int | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype = torch.float32) -> SwitchModel:
         """Base model folder + PEFT adapter folders ``{"task": path}`` + an optional saved switch (whose
         encoder becomes the base model itself). ``switch_layer``: the layer the run's adapters start at
-        (checked against the switch and the adapters before the model loads)."""
+        (checked against the switch and the adapters before the model loads). ``device``: default cuda
+        when available, else cpu; ``dtype``: of the weights, the adapters' and the KV cache."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from switchcit.adapters import adapter_layers, load_adapters
@@ -84,20 +86,22 @@ class SwitchModel:
             if below:
                 raise ValueError(f"adapter {task!r} has weights in layers {below}, below the run's switch layer "
                                  f"{switch_layer}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tokenizer = AutoTokenizer.from_pretrained(base)
-        model = load_adapters(AutoModelForCausalLM.from_pretrained(base), adapters)
+        model = load_adapters(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), adapters).to(device)
         if loaded is not None:
             loaded.encoder, loaded.tokenizer = model, tokenizer
         return cls(model, tokenizer, loaded)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path) -> SwitchModel:
+    def from_run(cls, run_dir: str | Path, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> SwitchModel:
         """Everything a finished run left for serving (``RUN_DIR`` or ``RUN_DIR/switchcit``; see
-        :mod:`switchcit.runs`)."""
+        :mod:`switchcit.runs`), on ``device`` in ``dtype``."""
         from switchcit.runs import read_run
 
         run = read_run(run_dir)
-        return cls.from_pretrained(run.base, run.adapters, run.switch, run.switch_layer)
+        return cls.from_pretrained(run.base, run.adapters, run.switch, run.switch_layer, device, dtype)
 
     # ------------------------------------------------------------------ routing
 

@@ -122,10 +122,13 @@ class Switch:
         check_layer(layer, encoder)
         features, gate_features = encode_features(list(prompts), encoder, tokenizer, layer)
         switch = cls.fit(features, gate_features, task_labels, layer=layer, **fit_options)
-        switch.encoder, switch.tokenizer, switch.base_model = encoder, tokenizer, model_signature(encoder)
+        return switch._attach(encoder, tokenizer, prompts, task_labels)
+
+    def _attach(self, encoder, tokenizer, prompts: Sequence[str], task_labels: Sequence[str]) -> Switch:
+        self.encoder, self.tokenizer, self.base_model = encoder, tokenizer, model_signature(encoder)
         for prompt, task in zip(prompts, task_labels):
-            switch.retained.setdefault(task, []).append(prompt)
-        return switch
+            self.retained.setdefault(task, []).append(prompt)
+        return self
 
     @classmethod
     def fit(cls, features: torch.Tensor, gate_features: torch.Tensor, task_labels: Sequence[str], *,
@@ -172,16 +175,29 @@ class Switch:
     def add_task(self, name: str, prompts: Sequence[str], **fit_options) -> Switch:
         """Learn a new task from its retained sample: retrains this switch on everything retained so far
         (same encoder, layer and options unless given). Returns this switch, so calls chain."""
+        all_prompts, labels = self.with_task(name, prompts)
+        trained = Switch.train(all_prompts, labels, self.encoder, self.tokenizer, layer=self.layer,
+                               **(self.fit_options | fit_options))
+        self.__dict__.update(trained.__dict__)
+        return self
+
+    def with_task(self, name: str, prompts: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Everything retained plus task ``name``'s prompts, and their task labels: what a switch that
+        learns ``name`` trains on."""
         if name in self.tasks:
             raise ValueError(f"task {name!r} is already known")
         if not prompts:
             raise ValueError(f"task {name!r} has no prompts")
         all_prompts = [p for task in self.tasks for p in self.retained[task]] + list(prompts)
         labels = [task for task in self.tasks for _ in self.retained[task]] + [name] * len(prompts)
-        trained = Switch.train(all_prompts, labels, self.encoder, self.tokenizer, layer=self.layer,
-                               **(self.fit_options | fit_options))
-        self.__dict__.update(trained.__dict__)
-        return self
+        return all_prompts, labels
+
+    def trained_on(self, prompts: Sequence[str], task_labels: Sequence[str], features: torch.Tensor,
+                   gate_features: torch.Tensor) -> Switch:
+        """A new switch with this one's encoder, layer and options, fitted to already encoded ``prompts``
+        (the server encodes them between two generation steps, then fits off its engine thread)."""
+        trained = Switch.fit(features, gate_features, task_labels, layer=self.layer, **self.fit_options)
+        return trained._attach(self.encoder, self.tokenizer, prompts, task_labels)
 
     # ---------------------------------------------------------------- routing
 

@@ -3,7 +3,6 @@ model names (``auto``: the switch picks; ``base``: no adapter — the only place
 error responses in OpenAI's shape, ``/v1/models`` and ``/health`` bodies."""
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from switchcit.prompts import is_text
@@ -12,8 +11,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
-__all__ = ["AUTO", "BASE_MODEL_NAME", "MAX_BODY_BYTES", "ApiError", "OpenAIRequest", "check_model", "health_response",
-           "install_error_handlers", "models_response", "parse_request", "quote", "read_json"]
+__all__ = ["AUTO", "BASE_MODEL_NAME", "CHAT_ROLES", "MAX_BODY_BYTES", "ApiError", "check_model", "health_response",
+           "install_error_handlers", "models_response", "quote", "read_json"]
 
 AUTO = "auto"  # model name: let the switch pick the adapter
 BASE_MODEL_NAME = "base"  # model name: no adapter (id −1 inside the library)
@@ -42,69 +41,6 @@ class ApiError(Exception):
 
         body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
         return JSONResponse({"error": body}, status_code=self.status)
-
-
-@dataclass
-class OpenAIRequest:
-    """A checked ``/v1/completions`` (``prompt``) or ``/v1/chat/completions`` (``messages``) body."""
-
-    chat: bool
-    model: str
-    max_tokens: int | None  # None: the endpoint's default
-    prompt: str = ""
-    messages: list[dict[str, str]] = field(default_factory=list)
-
-    @property
-    def routing_text(self) -> str:
-        """What the switch reads: the prompt, or the last user message of a chat."""
-        return [m["content"] for m in self.messages if m["role"] == "user"][-1] if self.chat else self.prompt
-
-
-_REQUIRED = object()
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", list: "a list"}
-
-
-def _field(payload: dict, name: str, kind: type, default: Any = _REQUIRED, param: str | None = None) -> Any:
-    """``payload[name]`` if it has type ``kind`` (a bool is no integer); absent or null: ``default``."""
-    param = param or name
-    value = payload.get(name)
-    if value is None:
-        if default is _REQUIRED:
-            raise ApiError(400, f"{param} is required", param=param)
-        return default
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ApiError(400, f"{param} must be {_TYPE_NAMES[kind]}, got {quote(value)}", param=param)
-    return value
-
-
-def parse_request(payload: Any, chat: bool) -> OpenAIRequest:
-    """Check a request body's fields and types (400 on the first problem). Unknown fields, sampling
-    options included, are ignored: decoding is greedy."""
-    if not isinstance(payload, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    model = _field(payload, "model", str, AUTO)
-    max_tokens = _field(payload, "max_tokens", int, None)
-    if max_tokens is not None and max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
-    if _field(payload, "stream", bool, False):
-        raise ApiError(400, "streaming is not supported: leave stream unset or false", param="stream")
-    if _field(payload, "n", int, 1) != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
-    if not chat:
-        return OpenAIRequest(False, model, max_tokens, prompt=_field(payload, "prompt", str))
-    messages = _field(payload, "messages", list)
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ApiError(400, f"messages.{i} must be an object with role and content", param=f"messages.{i}")
-        role = _field(message, "role", str, param=f"messages.{i}.role")
-        if role not in CHAT_ROLES:
-            raise ApiError(400, f"messages.{i}.role must be one of {list(CHAT_ROLES)}, got {quote(role)}",
-                           param=f"messages.{i}.role")
-        _field(message, "content", str, param=f"messages.{i}.content")
-    if not any(m["role"] == "user" for m in messages):
-        raise ApiError(400, "messages need at least one user message", param="messages")
-    return OpenAIRequest(True, model, max_tokens,
-                         messages=[{"role": m["role"], "content": m["content"]} for m in messages])
 
 
 def check_model(model: str, adapters: Sequence[str], has_switch: bool) -> None:
