@@ -1,8 +1,13 @@
 """`switchcit train` input checks that run before any model loads: every row of every data file, task
-names that must name PEFT adapters, and CLI errors as one line with exit code 2."""
+names that must name PEFT adapters, task.json, metrics, settings and config files, and CLI errors as
+one line with exit code 2 that leave an existing run alone; ``--config``; ``--help`` shows every default."""
+import dataclasses
+import importlib.util
 import json
+import re
 
 import pytest
+import torch
 
 from switchcit import cli
 from switchcit.cit.config import TrainConfig
@@ -89,3 +94,121 @@ def test_a_run_folder_with_other_settings_is_refused_before_any_work(base, tmp_p
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "holds a run with other settings (steps)" in error
     assert (tmp_path / "run" / "config.json").read_text() == saved
+
+
+def refused(capsys, *arguments) -> str:
+    """The error of a refused ``switchcit train ARGUMENTS``: one line, exit code 2, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", *map(str, arguments)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2, error
+    assert error.startswith("switchcit train: ") and error.count("\n") == 1 and "Traceback" not in error, error
+    return error
+
+
+# name: (rows of the task folder (write_task's ``bad``), files to write {path under tmp: text}, flags, message)
+BAD_INPUT = {
+    "a bad JSONL line": (("train", 3, '{"prompt": "x"'), {}, [], r"task/train\.jsonl:3: malformed JSON"),
+    "a missing field": (("test", 2, '{"prompt": "x"}'), {}, [], r"task/test\.jsonl:2: has no 'target' field"),
+    "an empty split": (None, {"task/test.jsonl": ""}, [], r"task \(test\) has no examples"),
+    "an unknown metric": (None, {}, ["--metric", "task=blue"], r"--metric task=blue: unknown metric 'blue'; known: "),
+    "a metric for no task": (None, {}, ["--metric", "task=bleu,other=bleu"], r"--metric names other: no task of"),
+    "a metric whose field is missing": (None, {}, ["--metric", "task=sari"],
+                                        r"its metric sari needs 'source' in every test example; test example 1"),
+    "an unknown metric in task.json": (None, {"task/task.json": '{"metric": "f1"}'}, [],
+                                       r"task/task\.json: unknown metric 'f1'"),
+    "malformed task.json": (None, {"task/task.json": '{"metric": '}, [], r"task/task\.json: malformed JSON"),
+    "an unknown task.json key": (None, {"task/task.json": '{"metrics": "sari"}'}, [],
+                                 r"task/task\.json: unknown key 'metrics'; known: metric"),
+    "an unknown config key": (None, {"run.yaml": "steps: 3\nbatch_sise: 4\n"}, ["--config", "{tmp}/run.yaml"],
+                              r"run\.yaml: unknown key 'batch_sise'"),
+    "a config value of the wrong type": (None, {"run.yaml": "steps: many\n"}, ["--config", "{tmp}/run.yaml"],
+                                         r'run\.yaml: steps: "many" is no int'),
+    "a config file that is no YAML": (None, {"run.yaml": "steps: 3\nlr: [1e-3\n"}, ["--config", "{tmp}/run.yaml"],
+                                      r"run\.yaml:3: not YAML"),
+    "a missing config file": (None, {}, ["--config", "{tmp}/nowhere.yaml"], r"--config .*nowhere\.yaml does not exist"),
+    "an unknown choice": (None, {}, ["--lr-scheduler", "cyclic"],
+                          r"--lr-scheduler cyclic: choose one of linear, cosine, constant"),
+    "a replay rate of 1.5": (None, {}, ["--replay-rate", "1.5"], r"need 0 ≤ replay rate < 1"),
+    "an unknown device": (None, {}, ["--device", "gpu0"], r"--device gpu0: "),
+    "a field mapping without =": (None, {}, ["--field", "prompt"], r"--field needs OURS=THEIRS, got 'prompt'"),
+}
+if not torch.cuda.is_available():
+    BAD_INPUT["a device this machine lacks"] = (None, {}, ["--device", "cuda"], r"--device cuda: no cuda device here")
+if importlib.util.find_spec("tensorboard") is None:
+    BAD_INPUT["TensorBoard without tensorboard"] = (None, {}, ["--report-to", "tensorboard"],
+                                                    r"--report-to tensorboard needs the tensorboard package")
+
+
+@pytest.mark.parametrize("name", BAD_INPUT)
+def test_bad_input_is_one_line_naming_its_file_line_or_flag_and_leaves_the_run_alone(base, tmp_path, capsys, name):
+    bad, files, flags, message = BAD_INPUT[name]
+    task = write_task(tmp_path / "task", train_rows=4, test_rows=2, bad=bad)
+    for path, text in files.items():
+        (tmp_path / path).write_text(text)
+    out = tmp_path / "run"
+    (out / "sequential").mkdir(parents=True)
+    (out / "config.json").write_text("an earlier run's settings")
+    (out / "sequential" / "state.json").write_text('{"stages_done": 1}')
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    error = refused(capsys, "--base", base, "--tasks", task, "--out", out,
+                    *(flag.replace("{tmp}", str(tmp_path)) for flag in flags))
+    assert re.search(message, error), error
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+class Captured(Exception):
+    """What ``train`` was called with, in place of training."""
+
+
+def test_a_config_file_gives_settings_by_flag_name_and_the_command_line_wins(base, tmp_path, monkeypatch):
+    import switchcit.cit.trainer as trainer_module
+
+    def capture(config):
+        raise Captured(config)
+
+    monkeypatch.setattr(trainer_module, "train", capture)
+    task = write_task(tmp_path / "task")
+    (tmp_path / "run.yaml").write_text(
+        f"base: {base}\ntasks: [{task}]\nout: {tmp_path / 'run'}\nsteps: 5\nbatch-size: 3\n"
+        "gradient_accumulation_steps: 2\nlr: 1.0e-3\ntarget-modules: q_proj,k_proj\nmetric: {task: bleu}\n"
+        "field: [label=gold]\ndevice: cpu\nseeds: [3, 4]\n")
+    with pytest.raises(Captured) as captured:
+        cli.main(["train", "--config", str(tmp_path / "run.yaml"), "--steps", "9", "--metric", "task=rougeL"])
+    config = captured.value.args[0]
+    assert (config.base, config.tasks, config.out) == (str(base), [str(task)], str(tmp_path / "run"))
+    assert (config.steps, config.batch_size, config.gradient_accumulation_steps, config.lr) == (9, 3, 2, 1e-3)
+    assert config.target_modules == ["q_proj", "k_proj"] and config.device == "cpu" and config.seeds == [3, 4]
+    assert config.metric == {"task": "rougeL"} and config.fields == {"label": "gold"}
+    assert (tmp_path / "run" / "train.log").is_file(), "--out from the file: the log goes there"
+
+
+def test_a_missing_required_setting_is_named(base, tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text(f"tasks: {write_task(tmp_path / 'task')}\n")
+    error = refused(capsys, "--config", tmp_path / "run.yaml", "--out", tmp_path / "run")
+    assert "--base: required (on the command line or in --config)" in error and not (tmp_path / "run").exists()
+
+
+def test_help_shows_every_setting_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    text = text[text.index("options:"):]  # past the usage line
+    for setting in dataclasses.fields(TrainConfig):
+        flag = setting.metadata.get("flag", setting.name).replace("_", "-")
+        start = re.search(rf"--{flag} [A-Z]", text)
+        assert start, flag
+        described = text[start.start():]
+        following = re.search(r" --[a-z-]+ [A-Z]", described[2:])
+        described = described[: following.start() + 2] if following else described
+        default = setting.default_factory() if setting.default_factory is not dataclasses.MISSING else setting.default
+        if setting.metadata.get("required"):
+            assert "(required" in described, described
+        elif isinstance(default, (list, dict)):
+            shown = ",".join(map(str, default)) or "none"  # no dict setting has entries by default
+            assert f"(default: {shown})" in described, described
+        elif default is None:
+            assert "default: " in described, described  # its help says what None means
+        else:
+            assert f"(default: {default})" in described, described

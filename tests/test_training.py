@@ -1,7 +1,8 @@
 """The continual training loop end to end on a tiny random Llama and real offline dialogues
 (chatterbot-corpus categories as tasks): results and serving folder, fast-failing configs, a run
-killed with SIGKILL and restarted ends exactly like an uninterrupted one, and the 2-process DDP step
-(gloo) trains the same adapter as one process."""
+killed with SIGKILL and restarted ends exactly like an uninterrupted one (a cosine schedule with
+warm-up and gradient accumulation included, and its step log), and the 2-process DDP step (gloo)
+trains the same adapter as one process."""
 import json
 import os
 import signal
@@ -23,8 +24,9 @@ from switchcit.cit.data import write_chatterbot_tasks  # noqa: E402
 from switchcit.cit.trainer import train  # noqa: E402
 
 TASKS = ["greetings", "science"]
-SMALL = ["--steps", "8", "--batch-size", "4", "--eval-examples", "3", "--max-new-tokens", "3",
-         "--checkpoint-every", "2", "--retention", "0.5", "--max-length", "96", "--switch-layer", "1"]
+SMALL = ["--steps", "8", "--batch-size", "2", "--gradient-accumulation-steps", "2", "--eval-examples", "3",
+         "--max-new-tokens", "3", "--checkpoint-every", "2", "--retention", "0.5", "--max-length", "96",
+         "--switch-layer", "1", "--lr-scheduler", "cosine", "--warmup-steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,12 @@ def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     for path in sorted(run_dir.glob("*/checkpoint.safetensors")):  # single-adapter methods' final weights
         tensors |= {f"{path.parent.name}/{k}": v for k, v in load_file(str(path)).items() if k.startswith("param/")}
     return tensors
+
+
+def log_history(method_dir: Path) -> list[dict]:
+    """The step log, less its timings."""
+    rows = [json.loads(line) for line in (method_dir / "log_history.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "tokens_per_second"} for row in rows]
 
 
 def results(run_dir: Path) -> dict:
@@ -147,6 +155,10 @@ def test_killed_run_resumes_to_the_same_adapters_and_results(uninterrupted, stre
     assert expected.keys() == got.keys() and expected
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+    for method in ("switchcit", "sequential"):  # one row per step, none lost or repeated, the same numbers
+        steps = [(row["stage"], row["step"]) for row in log_history(expected_dir / method)]
+        assert steps == [(stage, step) for stage in range(len(TASKS)) for step in range(1, 9)]
+        assert log_history(out / method) == log_history(expected_dir / method)
 
 
 def test_bad_configs_fail_before_training(stream, tmp_path):

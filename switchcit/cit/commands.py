@@ -45,10 +45,10 @@ def _train(args: argparse.Namespace) -> None:
         _exit("train", err)
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
-        log_to(Path(args.out) / "train.log")
+        log_to(Path(config.out) / "train.log")  # --out may come from --config
     results = train(config)
     if main_process:
-        print_summary(results, Path(args.out))
+        print_summary(results, Path(config.out))
 
 
 def _exit(command: str, error: Exception) -> NoReturn:

@@ -295,8 +295,8 @@ def _file_value(setting: dataclasses.Field, value, where: str):
         return _pairs(map(str, value if isinstance(value, list) else [value]), where, setting.metadata["metavar"])
     if value is None and setting.default is None:
         return None
-    if setting.type == "list[str]" and isinstance(value, list):
-        return [str(item) for item in value]
+    if setting.type.startswith("list[") and isinstance(value, list):  # a YAML list: as the flag's comma list
+        value = ",".join(map(str, value))
     try:
         if isinstance(value, (dict, list, bool)) or value is None:
             raise ValueError
