@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from switchcit.cit.data import load_task, retained_sample, task_name
+from switchcit.cit.data import load_task, retained_sample, task_file, task_name
 
 
 def write_jsonl(path, rows):
@@ -104,3 +104,18 @@ def test_references_default_to_the_target_and_keep_a_list_of_strings(tmp_path):
     write_jsonl(tmp_path / "task" / "train.jsonl", [GOOD, GOOD | {"references": ["Yes", "Yes."]},
                                                     GOOD | {"references": None}])
     assert [e.references for e in load_task(tmp_path / "task", "train")] == [["Yes"], ["Yes", "Yes."], ["Yes"]]
+
+
+def test_task_json_declares_a_task_and_bad_ones_name_the_file(tmp_path):
+    folder = tmp_path / "mysimp"
+    write_jsonl(folder / "train.jsonl", ROWS)
+    assert task_file(folder) == {} and task_file(f"hf:{folder}") == {}
+    (folder / "task.json").write_text('{"metric": "sari"}')
+    assert task_file(folder) == {"metric": "sari"}
+    bad = {b"[1]": r"must be a JSON object, got \[1\]", b'{"metric": 3}': "'metric' must be a string",
+           b'{"metric": "sari"': "malformed JSON", b"\xff": "malformed JSON",
+           b'{"split": "x"}': "unknown key 'split'; known: metric"}
+    for content, message in bad.items():
+        (folder / "task.json").write_bytes(content)
+        with pytest.raises(ValueError, match=r"mysimp/task\.json: " + message):
+            task_file(folder)

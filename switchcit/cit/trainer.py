@@ -55,10 +55,10 @@ from switchcit.cit.evaluation import (
     load_eval_sets,
     routing_accuracy,
     stage_predictions,
+    task_metrics,
     write_predictions,
 )
 from switchcit.cit.methods import METHODS, Method
-from switchcit.cit.metrics import main_metric
 from switchcit.prompts import prompt_tokens
 
 __all__ = ["Trainer", "collate", "draw_batch", "encode_example", "lr_schedule", "target_loss", "train"]
@@ -97,10 +97,9 @@ class Trainer:
         self.model.delete_adapter("unused")  # adapters are added per method and task below
         self.pipeline = SwitchModel(self.model, self.tokenizer)
         self.tasks = config.task_names
-        declared = config.declared_metrics()
-        self.metrics = {task: main_metric(task, declared[task]) for task in self.tasks}
-        for task in self.tasks:
-            if declared[task] is None:
+        self.metrics = task_metrics(config)
+        for task, declared in config.declared_metrics().items():
+            if declared is None:
                 logger.info("task %s declares no metric (task.json or --metric): scored by %s, chosen by its name",
                             task, self.metrics[task])
         self.train_sets = {n: load_task(t, "train", config.fields, config.train_examples)
