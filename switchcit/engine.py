@@ -6,7 +6,7 @@ for every live sequence. A sequence that finishes (a stop token, its ``max_token
 at once: the last live slot moves into its place, so live sequences always fill slots ``0…n−1`` and
 each step's attention reads views of the cache, never copies of it.
 
-The cache (:class:`SlotCache`) is allocated once: per layer ``[max_num_seqs, kv_heads, max_model_len,
+The cache (:class:`SlotCache`) is allocated once: per layer ``[max_num_seqs, max_model_len, kv_heads,
 head_dim]`` keys and values; slot ``i`` holds its sequence's tokens at positions ``0…length−1``. Each
 forward gets an explicit 4-D attention mask (prefill: causal and the left padding; decode: each row
 its own length), so rows of any lengths share a step.
@@ -89,13 +89,17 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 class SlotCache(Cache):
     """A transformers ``Cache`` over preallocated slots (see the module docstring). The engine says
-    before each forward where its rows go: :meth:`prefill_into` or :meth:`decode_at`."""
+    before each forward where its rows go: :meth:`prefill_into` or :meth:`decode_at`.
+
+    Stored ``[slots, positions, kv_heads, head_dim]``: one token of one slot is one contiguous row of
+    the flat ``[slots × positions, kv_heads × head_dim]`` view, so writing a step's tokens is one
+    ``index_copy_``; attention reads ``[n, kv_heads, length, head_dim]`` views of it."""
 
     def __init__(self, config, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
         super().__init__(layers=[])
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (num_slots, heads, max_len, head_dim)
+        shape = (num_slots, max_len, heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
@@ -104,12 +108,13 @@ class SlotCache(Cache):
     def prefill_into(self, slots: torch.Tensor, pads: list[int], width: int) -> None:
         """The next forward is a prefill of left-padded rows (``pads[i]`` pad tokens of ``width``):
         row ``i``'s tokens go to slot ``slots[i]`` at positions ``0…width−pads[i]−1``."""
-        rows = torch.cat([torch.full((width - p,), i) for i, p in enumerate(pads)]).to(slots.device)
-        source = torch.cat([torch.arange(p, width) for p in pads]).to(slots.device)
-        target_slots, target = slots[rows], source - torch.tensor(pads, device=slots.device)[rows]
+        device = slots.device
+        rows = torch.cat([torch.full((width - p,), i) for i, p in enumerate(pads)]).to(device)
+        source = torch.cat([torch.arange(p, width) for p in pads]).to(device)
+        target = slots[rows] * self.max_len + source - torch.tensor(pads, device=device)[rows]
 
         def write(cache: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-            cache[target_slots, :, target] = states[rows, :, source]
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, target, states.transpose(1, 2)[rows, source])
             return states  # a prefill attends to its own tokens only
 
         self._write = write
@@ -117,11 +122,12 @@ class SlotCache(Cache):
     def decode_at(self, positions: torch.Tensor, kv_length: int) -> None:
         """The next forward is a decode step of slots ``0…n−1``: row ``i``'s token goes to position
         ``positions[i]``; attention reads positions ``0…kv_length−1`` of those slots."""
-        rows = torch.arange(len(positions), device=positions.device)
+        count = len(positions)
+        target = torch.arange(count, device=positions.device) * self.max_len + positions
 
         def write(cache: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-            cache[rows, :, positions] = states[:, :, 0]
-            return cache[: len(rows), :, :kv_length]
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, target, states[:, :, 0])
+            return cache[:count, :kv_length].transpose(1, 2)
 
         self._write = write
 
@@ -131,7 +137,7 @@ class SlotCache(Cache):
     def move(self, source: int, target: int, length: int) -> None:
         """Slot ``source``'s first ``length`` positions into slot ``target``."""
         for cache in itertools.chain(self.keys, self.values):
-            cache[target, :, :length] = cache[source, :, :length]
+            cache[target, :length] = cache[source, :length]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         raise NotImplementedError("the engine passes position ids and a 4-D mask to every forward")
