@@ -180,31 +180,30 @@ class SwitchModel:
                  max_new_tokens: int = 64, chat: bool = True,
                  batch_size: int = 16) -> tuple[list[str], list[str | None]]:
         """Greedy answers for ``prompts`` and the adapter each went to (``None``: base model).
-        ``adapters``: a name (or ``None``) per prompt; by default the switch picks. Mixed batches of
-        ``batch_size`` prompts of similar length (less padding); answers in input order."""
+        ``adapters``: a name (or ``None``) per prompt; by default the switch picks. All prompts go through
+        one engine with ``batch_size`` slots (continuous batching: a finished answer's slot takes the
+        next prompt); answers in input order."""
         prompts = list(prompts)
         if adapters is not None and len(adapters) != len(prompts):
             raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts")
         explicit = None if adapters is None else self.context.ids_of(adapters)
         rows, spans = zip(*(prompt_tokens(self.tokenizer, p, chat) for p in prompts)) if prompts else ((), ())
         stops = self.stop_token_ids()
-        texts, chosen = [""] * len(prompts), [None] * len(prompts)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            ids = None if explicit is None else explicit[batch]
-            new_tokens, routed = self.generate_ids([rows[i] for i in batch], [max_new_tokens] * len(batch), stops, ids,
-                                                   spans=[spans[i] for i in batch])
-            for i, tokens, adapter in zip(batch, new_tokens, self.adapter_names(routed)):
-                texts[i] = self.tokenizer.decode([t for t in tokens if t not in stops],
-                                                 skip_special_tokens=True).strip()
-                chosen[i] = adapter
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # prompts of similar length join together
+        new_tokens, routed = self.generate_ids([rows[i] for i in order], [max_new_tokens] * len(rows), stops,
+                                               None if explicit is None else explicit[order],
+                                               spans=[spans[i] for i in order], max_num_seqs=batch_size)
+        texts, chosen = [""] * len(rows), [None] * len(rows)
+        for i, tokens, adapter in zip(order, new_tokens, self.adapter_names(routed)):
+            texts[i] = self.tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True).strip()
+            chosen[i] = adapter
         return texts, chosen
 
     @torch.no_grad()
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int], stop_ids: Sequence[int],
                      adapter_ids: torch.Tensor | None = None, routed: torch.Tensor | None = None,
-                     spans: Sequence[tuple[int, int]] | None = None) -> tuple[list[list[int]], torch.Tensor]:
+                     spans: Sequence[tuple[int, int]] | None = None,
+                     max_num_seqs: int | None = None) -> tuple[list[list[int]], torch.Tensor]:
         """Greedy-generate every prompt (token ids) in one mixed batch (:class:`switchcit.engine.Engine`,
         every prompt in one slot of its KV cache, one prefill for all); returns each
         prompt's new tokens — at most its own ``max_new_tokens``, ending at its first stop token if it
@@ -212,7 +211,8 @@ class SwitchModel:
 
         ``adapter_ids [B]``: each prompt's adapter (−1: base model); ``None``: the switch picks for
         all. ``routed [B]`` (bool): the switch picks for these prompts, the others keep their id.
-        ``spans``: each prompt's own tokens ``(start, end)``, what the switch reads (default: all)."""
+        ``spans``: each prompt's own tokens ``(start, end)``, what the switch reads (default: all).
+        ``max_num_seqs``: sequences generated together (default: all; fewer → continuous batching)."""
         from switchcit.engine import Engine, EngineRequest, SamplingParams
 
         batch, device = len(prompt_ids), self._device
@@ -231,9 +231,11 @@ class SwitchModel:
         requests = [EngineRequest(list(row), SamplingParams(max_tokens=limit), keep_adapter(i), adapter, is_routed,
                                   span) for i, (row, limit, adapter, is_routed, span)
                     in enumerate(zip(prompt_ids, max_new_tokens, explicit, routed, spans))]
-        engine = Engine(self, max_num_seqs=batch, max_model_len=max(len(r.prompt_ids) + r.params.max_tokens
+        slots = min(batch, max_num_seqs or batch)
+        longest_prompts = sorted((len(row) for row in prompt_ids), reverse=True)[:slots]
+        engine = Engine(self, max_num_seqs=slots, max_model_len=max(len(r.prompt_ids) + r.params.max_tokens
                                                                     for r in requests),
-                        max_num_batched_tokens=sum(len(row) for row in prompt_ids), stop_ids=stop_ids)
+                        max_num_batched_tokens=sum(longest_prompts), stop_ids=stop_ids)
         for request in requests:
             engine.add(request)
         engine.run_until_done()
