@@ -28,7 +28,7 @@ def select_backend(backend: str | None, x: torch.Tensor, op: str = "lora") -> st
     if name == "auto":
         if x.is_cuda and x.dtype in TRITON_DTYPES and HAS_TRITON:
             return "triton"
-        if "cpp" in available and x.device.type == "cpu" and x.dtype in CPP_DTYPES and HAS_CPP_KERNELS:
+        if "cpp" in available and x.is_cpu and x.dtype in CPP_DTYPES and HAS_CPP_KERNELS:
             return "cpp"
         return "torch"
     if name not in BACKENDS:
@@ -38,7 +38,7 @@ def select_backend(backend: str | None, x: torch.Tensor, op: str = "lora") -> st
     if name == "triton":
         if not HAS_TRITON:
             raise RuntimeError("backend 'triton' needs the triton package (pip install triton)")
-        if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+        if not (x.is_cuda or (x.is_cpu and os.environ.get("TRITON_INTERPRET") == "1")):
             raise ValueError(
                 f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {x.device}"
             )
@@ -47,7 +47,7 @@ def select_backend(backend: str | None, x: torch.Tensor, op: str = "lora") -> st
     if name == "cpp":
         if not HAS_CPP_KERNELS:
             raise RuntimeError("backend 'cpp' needs the C++ core switchcit._C; reinstall with `pip install .`")
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             raise ValueError(f"backend 'cpp' needs CPU tensors, got {x.device}")
         if x.dtype not in CPP_DTYPES:
             raise TypeError(f"backend 'cpp' supports float32 and bfloat16, got {x.dtype}")

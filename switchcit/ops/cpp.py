@@ -38,33 +38,39 @@ def _ptr(t: Tensor | None) -> int:
 
 def _kernel_args(scaling: Tensor | None, ranks: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """The C++ side reads scaling as float32 and ranks as int32."""
-    scaling32 = None if scaling is None else scaling.to(torch.float32).contiguous()
-    ranks32 = None if ranks is None else ranks.to(torch.int32).contiguous()
-    return scaling32, ranks32
+    return _as_contiguous(scaling, torch.float32), _as_contiguous(ranks, torch.int32)
 
 
-@traceable_op("switchcit::cpp_lora_forward_", mutates_args=("out",), device_types="cpu")
+def _as_contiguous(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # A bank's scaling and ranks usually fit already: then no tensor call at all (two per layer call).
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype).contiguous()
+
+
+@traceable_op("switchcit::cpp_lora_forward_", mutates_args=("out", "shrunk"), device_types="cpu")
 def cpp_lora_forward_(
-    out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, sorted_token_ids: Tensor, adapter_offsets: Tensor,
-    scaling: Tensor | None, scale: float, ranks: Tensor | None, save: bool,
-) -> Tensor:
-    """``out [T, O] += LoRA term`` (all contiguous); returns ``x·Aᵀ`` per token (fp32 ``[T, R]``) if ``save``."""
+    out: Tensor, shrunk: Tensor | None, x: Tensor, lora_a: Tensor, lora_b: Tensor, sorted_token_ids: Tensor,
+    adapter_offsets: Tensor, scaling: Tensor | None, scale: float, ranks: Tensor | None,
+) -> None:
+    """``out [T, O] += LoRA term`` (all contiguous); with ``shrunk`` (fp32 ``[T, R]``, zeros), also writes
+    ``x·Aᵀ`` per routed token into it for the backward."""
     num_tokens, hidden = x.shape
     num_adapters, max_rank, _ = lora_a.shape
-    shrunk = x.new_zeros((num_tokens, max_rank) if save else (0,), dtype=torch.float32)
     scaling32, ranks32 = _kernel_args(scaling, ranks)
+    # The forward shares tokens out among threads: more threads than tokens (decode) would only start
+    # idle ones.
+    threads = min(torch.get_num_threads(), num_tokens)
     _C.lora_forward(
         out.data_ptr(), x.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(),
         sorted_token_ids.data_ptr(), adapter_offsets.data_ptr(), _ptr(scaling32), _ptr(ranks32),
-        _ptr(shrunk) if save else 0, CPP_DTYPES[x.dtype],
-        num_tokens, hidden, lora_b.shape[1], num_adapters, max_rank, scale, torch.get_num_threads(),
+        _ptr(shrunk), CPP_DTYPES[x.dtype], num_tokens, hidden, lora_b.shape[1], num_adapters, max_rank, scale, threads,
     )
-    return shrunk
 
 
 @cpp_lora_forward_.register_fake
-def _(out, x, lora_a, lora_b, sorted_token_ids, adapter_offsets, scaling, scale, ranks, save):
-    return x.new_empty((x.shape[0], lora_a.shape[1]) if save else (0,), dtype=torch.float32)
+def _(out, shrunk, x, lora_a, lora_b, sorted_token_ids, adapter_offsets, scaling, scale, ranks):
+    return None
 
 
 @traceable_op("switchcit::cpp_lora_backward", mutates_args=(), device_types="cpu")
@@ -105,13 +111,15 @@ class CppKernels:
     @staticmethod
     def forward(out, x, lora_a, lora_b, plan: RoutingPlan, scaling, scale, ranks, save):
         target = out if out.is_contiguous() else torch.zeros(out.shape, dtype=out.dtype)
-        shrunk = cpp_lora_forward_(
-            target, x.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
-            plan.sorted_token_ids, plan.adapter_offsets, scaling, scale, ranks, save,
+        # Only the autograd path saves x·Aᵀ: inference allocates nothing besides out.
+        shrunk = x.new_zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32) if save else None
+        cpp_lora_forward_(
+            target, shrunk, x.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
+            plan.sorted_token_ids, plan.adapter_offsets, scaling, scale, ranks,
         )
         if target is not out:
             out.add_(target)
-        return shrunk if save else None
+        return shrunk
 
     @staticmethod
     def backward(grad_out, x, lora_a, lora_b, shrunk, plan: RoutingPlan, scaling, scale, ranks, needs):

@@ -59,8 +59,7 @@ def lora_linear(
             raise ValueError(f"bias {tuple(bias.shape)} must be [O={out_features}]")
         _check_same("bias", bias, x)
     out = torch.nn.functional.linear(x, weight, bias)
-    _add_lora(call, out)
-    return out
+    return _add_lora(call, out, out.shape)
 
 
 def lora_delta(
@@ -76,21 +75,18 @@ def lora_delta(
     """Add the routed LoRA term into ``out [..., O]`` (any strides, no two elements sharing memory) in
     place and return it; without ``out``, return the term alone (zero rows for base-only tokens)."""
     call = _prepare(x, lora_a, lora_b, adapter_ids, scaling, ranks, backend)
-    if out is None:
-        out = x.new_zeros(*x.shape[:-1], call.lora_b.shape[1])
-    else:
+    shape = (*x.shape[:-1], call.lora_b.shape[1])
+    if out is not None:
         _check_tensor("out", out, None)
-        expected = (*x.shape[:-1], call.lora_b.shape[1])
-        if tuple(out.shape) != expected:
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected {expected}")
+        if tuple(out.shape) != shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
         _check_same("out", out, x)
         if _may_overlap(out):
             raise ValueError(
                 f"out has elements that share memory (shape {tuple(out.shape)}, strides {out.stride()}), so "
                 "adding into it would write them more than once; pass a tensor without overlap (out.clone())"
             )
-    _add_lora(call, out)
-    return out
+    return _add_lora(call, out, shape)
 
 
 class _Call(NamedTuple):
@@ -135,13 +131,14 @@ def _prepare(x, lora_a, lora_b, adapter_ids, scaling, ranks, backend) -> _Call:
     return _Call(x2, lora_a, lora_b, routing, scaling_tensor, scale, ranks, name)
 
 
-def _add_lora(call: _Call, out: torch.Tensor) -> None:
-    """``out += LoRA term`` for a checked call; ``out`` has shape ``[..., O]``."""
+def _add_lora(call: _Call, out: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """``out += LoRA term`` for a checked call, returning ``out``; without ``out``, the term as a new tensor.
+    ``shape``: the result's, ``[..., O]``."""
     if call.backend == "torch":  # the reference; plain autograd differentiates it
         ids = call.routing.token_adapter if isinstance(call.routing, RoutingPlan) else call.routing.reshape(-1)
         scaling = call.scaling if call.scaling is not None else call.scale
-        out.add_(lora_delta_reference(call.x, call.lora_a, call.lora_b, ids, scaling, call.ranks).view(out.shape))
-        return
+        delta = lora_delta_reference(call.x, call.lora_a, call.lora_b, ids, scaling, call.ranks).view(shape)
+        return delta if out is None else out.add_(delta)
 
     kernels = _kernels(call.backend)
     plan = call.routing
@@ -151,13 +148,16 @@ def _add_lora(call: _Call, out: torch.Tensor) -> None:
         plan = plan.with_tiles()  # a no-op for CUDA plans; CPU plans (the interpreter) build it here
     args = (call.x, call.lora_a, call.lora_b, plan, call.scaling, call.scale, call.ranks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in args[:3]):
-        out.add_(_LoraDelta.apply(kernels, *args).view(out.shape))
-        return
+        delta = _LoraDelta.apply(kernels, *args).view(shape)  # a new tensor: without out, the result itself
+        return delta if out is None else out.add_(delta)
+    if out is None:
+        out = call.x.new_zeros(shape)
     flat = _view_2d(out, call.x.shape[0])
     target = flat if flat is not None else out.new_zeros(call.x.shape[0], call.lora_b.shape[1])
     kernels.forward(target, *args, save=False)
     if flat is None:  # out's strides admit no [T, O] view: accumulate through a temporary
         out.add_(target.view(out.shape))
+    return out
 
 
 class _LoraDelta(torch.autograd.Function):
@@ -194,7 +194,7 @@ def _view_2d(t: torch.Tensor, rows: int) -> torch.Tensor | None:
 def _may_overlap(t: torch.Tensor) -> bool:
     """Whether two elements of ``t`` may share memory: unless each stride, in increasing order, steps
     past all that the smaller ones span (true of every dense or sliced layout, in any dimension order)."""
-    if t.numel() == 0:
+    if t.is_contiguous() or t.numel() == 0:  # the usual out (a linear layer's output): nothing to sort
         return False
     span = 0
     for stride, size in sorted((abs(stride), size) for stride, size in zip(t.stride(), t.shape) if size > 1):

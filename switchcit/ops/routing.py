@@ -131,7 +131,7 @@ def may_read_values(t: torch.Tensor) -> bool:
     """Whether reading ``t``'s values on the host is allowed now."""
     # Reading a CUDA tensor's values syncs the host; during graph capture or compilation we skip the
     # check, and the plan maps out-of-range ids to "base only" so kernels stay memory-safe.
-    if torch.compiler.is_compiling() or t.device.type == "meta":
+    if torch.compiler.is_compiling() or t.is_meta:
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 

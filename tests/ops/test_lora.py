@@ -15,11 +15,12 @@ from conftest import DEVICE, assert_close_to_reference
 from helpers import BACKEND_DTYPES, BACKENDS, Problem, backend_device, make_problem
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
 import switchcit.kernels
 from switchcit import build_routing_plan, lora_delta, lora_linear
 from switchcit.kernels import LoraKernelConfig, lora_expand, lora_shrink
-from switchcit.ops import cpp, select_backend
+from switchcit.ops import cpp, routing, select_backend
 from switchcit.ops.naive import lora_delta_reference, lora_linear_reference
 from switchcit.ops.routing import RoutingPlan
 
@@ -534,6 +535,49 @@ def test_ranks_checked_once_and_again_after_in_place_change(generator):
     p.ranks[1] = 5  # > R = 4: the cached check must not hide it
     with pytest.raises(ValueError, match=r"ranks must lie in \[0, R=4\]"):
         lora_delta(p.x, p.lora_a, p.lora_b, p.adapter_ids, p.scaling, ranks=p.ranks, backend="torch")
+
+
+# --------------------------------------------------------------------------------------------------
+# The hot path: one call per layer with the forward's plan (a decode step makes ~60 of them)
+
+HOST_READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"}  # each syncs a GPU
+# Kernel backends whose calls can be watched: the Triton interpreter reads values on the host by design.
+WATCHED_BACKENDS = [backend for backend in KERNEL_BACKENDS if backend == "cpp" or DEVICE.type == "cuda"]
+
+
+class TensorCalls(TorchFunctionMode):
+    """Records the name of every torch function and tensor method called inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", WATCHED_BACKENDS)
+def test_layer_calls_with_a_plan_read_no_values_and_never_recheck_it(backend, generator, monkeypatch):
+    """Once a bank's ranks are checked, layer calls with the forward's plan (into out, and forward +
+    backward) read no tensor's values on the host, and none checks the plan again: it was checked once,
+    when it was built."""
+    p = problem(generator, (12, 16, 20, 3, 4, "random"), backend)
+    plan = build_routing_plan(p.adapter_ids, 3)
+    out = poison(generator, 12, 20, device=p.x.device)
+    grad_out = poison(generator, 12, 20, device=p.x.device)
+    leaves = [t.detach().clone().requires_grad_() for t in (p.x, p.lora_a, p.lora_b)]
+    lora_delta(p.x, p.lora_a, p.lora_b, plan, p.scaling, out=out, ranks=p.ranks, backend=backend)  # checks ranks
+    plan_checks = []
+    monkeypatch.setattr(routing, "_check_plan_tensors", plan_checks.append)
+    monkeypatch.setattr(routing, "_check_plan_values", plan_checks.append)
+    with TensorCalls() as calls:
+        for _ in range(3):
+            lora_delta(p.x, p.lora_a, p.lora_b, plan, p.scaling, out=out, ranks=p.ranks, backend=backend)
+        lora_delta(*leaves, plan, p.scaling, ranks=p.ranks, backend=backend).backward(grad_out)
+    assert "backward" in calls.names, "the calls must have been watched"
+    assert not HOST_READS & set(calls.names), calls.names
+    assert plan_checks == [], "the plan was checked again in a layer call"
 
 
 # --------------------------------------------------------------------------------------------------
