@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
-from typing import NoReturn
 
 from switchcit.cit.config import TrainConfig, add_config_arguments, config_from_args
 from switchcit.cit.methods import __doc__ as METHODS_DOC
+from switchcit.cli import command_error
 
 __all__ = ["add_command", "log_to", "print_summary", "reevaluate"]
 
@@ -42,19 +41,13 @@ def _train(args: argparse.Namespace) -> None:
         config = config_from_args(args)
         config.validate()
     except (ValueError, FileNotFoundError) as err:
-        _exit("train", err)
+        command_error("train", err)
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         log_to(Path(config.out) / "train.log")  # --out may come from --config
     results = train(config)
     if main_process:
         print_summary(results, Path(config.out))
-
-
-def _exit(command: str, error: Exception) -> NoReturn:
-    """A bad command line or input: one line on stderr and exit code 2 (argparse's), no traceback."""
-    print(f"switchcit {command}: " + " ".join(str(error).splitlines()), file=sys.stderr)
-    raise SystemExit(2)
 
 
 def reevaluate(run_dir: str | Path, predictions: str | Path | None = None) -> dict[str, dict[str, float]]:
@@ -75,7 +68,7 @@ def reevaluate(run_dir: str | Path, predictions: str | Path | None = None) -> di
         config = TrainConfig.load(run_dir)
         config.validate()
     except (ValueError, FileNotFoundError) as err:
-        _exit("eval", err)
+        command_error("eval", err)
     per_seed, records = {method: [] for method in config.methods}, []
     for run in seed_runs(config):
         trainer = Trainer(run)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from switchcit.prompts import prompt_tokens
-from switchcit.serving.app import add_body_limit_argument, add_listen_arguments, make_server
+from switchcit.serving.app import add_body_limit_argument, add_listen_arguments, add_model_arguments, make_server
 from switchcit.serving.batcher import Batcher
 from switchcit.serving.openai import (
     AUTO,
@@ -318,12 +318,14 @@ def _stored_dtype(config: Any, weight_files: dict[str, str]) -> str:
         return SAFETENSORS_DTYPES[weights.get_slice(name).get_dtype()]
 
 
-def load_encoder_until(base: str | Path, layer: int) -> tuple["torch.nn.Module", Any]:
+def load_encoder_until(base: str | Path, layer: int, device: str = "cpu",
+                       dtype: str | None = None) -> tuple["torch.nn.Module", Any]:
     """``(encoder, tokenizer)`` for a switch at ``layer`` = K: the base model (no LM head) with only
     its embeddings, decoder layers 0…K−1 and final norm, read alone from the checkpoint's safetensors.
     Layers K…L−1 are appended on the meta device (no memory, never run: the switch's pass stops as
     layer K starts, :func:`switchcit.switch.encode_layers`), so the config still describes the whole
-    base model, as the switch checks. Features are those of the whole model, in the same dtype."""
+    base model, as the switch checks. Features are those of the whole model, in the same dtype (or
+    ``dtype``), on ``device``."""
     import torch
     from safetensors import safe_open
     from transformers import AutoModel, AutoTokenizer
@@ -333,7 +335,7 @@ def load_encoder_until(base: str | Path, layer: int) -> tuple["torch.nn.Module",
 
     config, weight_files = _checkpoint(base)
     check_layer(layer, config)
-    dtype = getattr(torch, _stored_dtype(config, weight_files))
+    dtype = getattr(torch, dtype or _stored_dtype(config, weight_files))
     with torch.device("meta"):
         whole = AutoModel.from_config(config, dtype=dtype)  # for the layer list's path and layers K…L−1
     layers_path = next(name for name, module in whole.named_modules() if module is decoder_layers(whole))
@@ -352,13 +354,17 @@ def load_encoder_until(base: str | Path, layer: int) -> tuple["torch.nn.Module",
         with safe_open(file, framework="pt") as weights:
             state.update({name: weights.get_tensor(stored) for name, stored in names})
     encoder.load_state_dict(state)
+    encoder.to(device)
     encoder.get_submodule(layers_path).extend(whole.get_submodule(layers_path)[layer:])
     encoder.config = config  # the forward walks the whole layer list, up to the early exit
     return encoder.eval(), AutoTokenizer.from_pretrained(base)
 
 
-def load_routing_switch(run_dir: str | Path) -> "Switch":
-    """The run's switch with :func:`load_encoder_until`'s encoder: what the gateway holds of the base model."""
+def load_routing_switch(run_dir: str | Path, device: str | None = None, dtype: str | None = None) -> "Switch":
+    """The run's switch with :func:`load_encoder_until`'s encoder (on ``device``, in ``dtype``; default:
+    cuda if available, else cpu; the checkpoint's dtype): what the gateway holds of the base model."""
+    import torch
+
     from switchcit.runs import read_run
     from switchcit.switch import SWITCH_CONFIG, Switch
 
@@ -368,7 +374,8 @@ def load_routing_switch(run_dir: str | Path) -> "Switch":
     if not (run.switch / SWITCH_CONFIG).is_file():
         raise FileNotFoundError(f"{run.switch} is not a saved switch: {SWITCH_CONFIG} is missing")
     layer = json.loads((run.switch / SWITCH_CONFIG).read_text())["layer"]
-    encoder, tokenizer = load_encoder_until(run.base, layer)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder, tokenizer = load_encoder_until(run.base, layer, device, dtype)
     return Switch.load(run.switch, encoder=encoder, tokenizer=tokenizer)
 
 
@@ -434,6 +441,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
                    help=f"the upstream's name for the base model (default {UPSTREAM_BASE_MODEL!r}, as export-vllm "
                         "serves it)")
     add_listen_arguments(p, default_port=8080)
+    add_model_arguments(p)
     p.add_argument("--max-batch-size", type=int, default=32, help="prompts routed together (default 32)")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="routing batch window (default 5)")
     p.add_argument("--max-queue", type=int, default=1024, help="prompts waiting beyond this get 429 (default 1024)")
@@ -459,30 +467,30 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _route(args: argparse.Namespace) -> None:
-    from switchcit.cit.commands import _exit
+    from switchcit.cli import command_error
     from switchcit.runs import read_run
 
     try:
         _check_upstream(args.upstream, args.timeout, args.stream_timeout, args.connect_timeout)
         adapters = list(read_run(args.run_dir).adapters)
         app = create_gateway(
-            load_routing_switch(args.run_dir), adapters, args.upstream.rstrip("/"),
+            load_routing_switch(args.run_dir, args.device, args.dtype), adapters, args.upstream.rstrip("/"),
             upstream_base_model=args.upstream_base_model,
             max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
             timeout_s=args.timeout, stream_timeout_s=args.stream_timeout, connect_timeout_s=args.connect_timeout,
             max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes)
     except (FileNotFoundError, ValueError) as error:
-        _exit("route", error)
+        command_error("route", error)
     make_server(app, args.host, args.port).run()
 
 
 def _export_vllm(args: argparse.Namespace) -> None:
-    from switchcit.cit.commands import _exit
+    from switchcit.cli import command_error
 
     try:
         command = shlex.join(export_vllm(args.run_dir, args.out_dir, args.served_model_name))
     except (FileNotFoundError, ValueError) as error:
-        _exit("export-vllm", error)
+        command_error("export-vllm", error)
     then = shlex.join(route_command(args.run_dir, args.served_model_name))
     script = Path(args.out_dir) / "vllm_serve.sh"
     script.write_text(f"#!/bin/sh\n# then, beside it: {then}\nexec {command}\n")
