@@ -5,7 +5,7 @@ loopback, measured by a streaming client.
 The run: ``--run RUN_DIR``, or one built on the fly (``switchcit.testing.build_run``): the base model
 SmolLM2-135M-Instruct (float32) with one random LoRA adapter per task (r16, alpha 32, on q_proj, v_proj,
 down_proj; B nonzero) for the tasks haiku, simplify, factcheck, and a switch. ``--smoke`` builds a tiny
-random Llama instead.
+random Llama instead (switchcit rows only: vLLM's CPU attention refuses its head size 16).
 
 Servers, each a separate process started here, one at a time (the next starts when the last is stopped),
 ready when ``GET /health`` answers 200, stopped with SIGTERM to its process group at the end:
@@ -177,6 +177,7 @@ async def open_loop(url: str, requests: list[dict], arrivals: list[float]) -> tu
 
 
 def percentile(values: list[float], q: int) -> float:
+    """The ``q``-th percentile (1…99) of ``values``, interpolated; the value itself when there is one."""
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
@@ -207,6 +208,7 @@ def agreement(workloads: dict, results: dict, rows: tuple[str, str], models: set
 
 
 def free_port() -> int:
+    """A port free on the loopback now (the OS picks it)."""
     with socket.socket() as probe:
         probe.bind((HOST, 0))
         return probe.getsockname()[1]
@@ -225,10 +227,12 @@ def launched(command: list[str], port: int, env: dict, log: Path, startup_timeou
         while not healthy(url):
             if process.poll() is not None or time.monotonic() > deadline:
                 state = f"exited with {process.returncode}" if process.poll() is not None else "did not start"
-                tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-                raise RuntimeError(f"{shlex.join(command)} {state}; the end of its log:\n{tail}")
+                raise RuntimeError(f"{shlex.join(command)} {state}; the end of its log:\n{log_tail(log)}")
             time.sleep(1)
-        yield url
+        try:
+            yield url
+        except RuntimeError as error:  # a failed request: the server's log says why
+            raise RuntimeError(f"{error}\nThe end of the server's log:\n{log_tail(log)}") from error
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -239,7 +243,13 @@ def launched(command: list[str], port: int, env: dict, log: Path, startup_timeou
             process.wait()
 
 
+def log_tail(log: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a server's log."""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
 def healthy(url: str) -> bool:
+    """Whether the server at ``url`` answers ``GET /health`` with 200 (vLLM's and switchcit's alike)."""
     try:
         return httpx.get(f"{url}/health", timeout=5).status_code == 200
     except httpx.TransportError:
@@ -253,6 +263,7 @@ def engine_options(args) -> list[str]:
 
 
 def switchcit_command(run: Path, port: int, args) -> list[str]:
+    """``switchcit serve`` on ``run`` with this venv's python."""
     return [sys.executable, "-m", "switchcit.cli", "serve", str(run), "--host", HOST, "--port", str(port),
             "--dtype", "float32", "--device", "cpu", *engine_options(args)]
 
@@ -319,6 +330,8 @@ def check_arguments(parser: argparse.ArgumentParser, args) -> None:
         problems.append("--rate must be positive")
     if args.vllm_python is not None and not os.access(args.vllm_python, os.X_OK):
         problems.append(f"--vllm-python {args.vllm_python} is not an executable")
+    if args.vllm_python is not None and args.smoke and args.run is None:
+        problems.append("--vllm-python with --smoke: vLLM's CPU attention refuses the tiny Llama (head size 16)")
     if args.run is not None:
         try:
             read_run(args.run)
@@ -338,6 +351,7 @@ def notes(agreements: dict[str, dict[str, list[int]]]) -> str:
 
 
 def main() -> None:
+    """Parse and check the command line, build the run, serve each server's rows, write the reports."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="serve this run instead of building one")
     parser.add_argument("--smoke", action="store_true", help="a tiny random Llama and a few requests (CI)")
