@@ -583,3 +583,44 @@ def test_serves_in_bfloat16(run_dir):
     with serving(app) as (url, _):
         response = httpx.post(f"{url}/v1/completions", json=body("/v1/completions", "hi", "auto", 4), timeout=30)
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_sigterm_drains_a_stream_in_flight_then_exits(run_dir):
+    """``switchcit serve`` as users run it: SIGTERM while a stream is generating; the stream still ends
+    normally, then the process shuts down."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "switchcit.cli", "serve", str(run_dir), "--port", str(port),
+                               "--max-model-len", "2048", "--max-num-seqs", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: server.poll() is None and _answers(f"{url}/health"), timeout=120)
+        payload = body("/v1/completions", "Tell me everything about the sea.", "base", 1500, stream=True)
+        with httpx.stream("POST", f"{url}/v1/completions", json=payload, timeout=120) as response:
+            lines = response.iter_lines()
+            first = next(lines)
+            server.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert first.startswith("data: ") and rest[-1] == "data: [DONE]"
+        last = json.loads(rest[-2][len("data: "):])
+        assert "error" not in last and last["choices"][0]["finish_reason"] in ("stop", "length"), last
+        # uvicorn re-raises the signal once its shutdown is done: the exit status says SIGTERM, cleanly
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Finished server process" in server.stderr.read().decode()
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
