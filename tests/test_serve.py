@@ -624,3 +624,18 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_openai_client_streams_and_completes(server):
+    openai = pytest.importorskip("openai")
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY")
+    messages = [{"role": "user", "content": task_prompts("haiku", TOPICS[:1])[0]}]
+    whole = client.chat.completions.create(model="auto", messages=messages, max_tokens=8, temperature=0)
+    parts = [chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+        model="auto", messages=messages, max_tokens=8, temperature=0, stream=True) if chunk.choices]
+    assert "".join(parts) == whole.choices[0].message.content and whole.usage.completion_tokens >= 1
+    completion = client.completions.create(model="haiku", prompt=["a", "b"], max_tokens=3, temperature=0)
+    assert [c.index for c in completion.choices] == [0, 1]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="haiku", prompt="a", max_tokens=3, logprobs=2)
