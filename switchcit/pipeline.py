@@ -75,7 +75,9 @@ class SwitchModel:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from switchcit.adapters import adapter_layers, load_adapters
+        from switchcit.pretrained import resolve_model
 
+        base = resolve_model(base)
         loaded = Switch.load(switch) if switch is not None else None
         if loaded is not None:
             loaded.check_model(AutoConfig.from_pretrained(base))  # before the weights load

@@ -6,10 +6,28 @@ import importlib.util
 import os
 from pathlib import Path
 
-__all__ = ["smollm2_135m_instruct", "cache_dir"]
+__all__ = ["cache_dir", "resolve_model", "smollm2_135m_instruct"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_TOKENS_FIXED = "switchcit-chat-tokens.json"
+
+
+def resolve_model(name: str | Path) -> Path:
+    """The folder of a model given as a local folder (transformers format) or as a Hugging Face hub id
+    already in the local hub cache — never a download."""
+    folder = Path(name)
+    if (folder / "config.json").is_file():
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        cached = Path(snapshot_download(str(name), local_files_only=True))
+    except Exception:  # noqa: BLE001 — not an id, not cached, no huggingface_hub: all mean "not found"
+        cached = None
+    if cached is None or not (cached / "config.json").is_file():
+        raise FileNotFoundError(f"{name} is neither a model folder (with config.json) nor a hub id in the local "
+                                f"Hugging Face cache (nothing is downloaded)")
+    return cached
 
 
 def cache_dir() -> Path:

@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -212,3 +213,25 @@ def test_help_shows_every_setting_with_its_default(capsys):
             assert "default: " in described, described  # its help says what None means
         else:
             assert f"(default: {default})" in described, described
+
+
+def test_base_is_a_folder_or_a_hub_id_in_the_local_cache_never_a_download(base, tmp_path, monkeypatch, capsys):
+    """A hub id resolves to its snapshot in the local Hugging Face cache; an id that is not cached is
+    refused in one line (nothing is fetched)."""
+    from switchcit.pretrained import resolve_model
+
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--someone--tiny-llama" / "snapshots" / "0123abcd"
+    shutil.copytree(base, snapshot)
+    (hub / "models--someone--tiny-llama" / "refs").mkdir()
+    (hub / "models--someone--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert resolve_model("someone/tiny-llama") == snapshot and resolve_model(base) == base
+    task = write_task(tmp_path / "task")
+    config("someone/tiny-llama", [task], tmp_path / "run").validate()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--base", "someone/not-cached", "--tasks", str(task), "--out", str(tmp_path / "other")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("switchcit train: someone/not-cached is neither a model folder") and "\n" not in error

@@ -16,6 +16,7 @@ from switchcit.cit.checkpoint import CONFIG_FILE, write_json_atomic
 from switchcit.cit.data import TASK_FILE, load_task, task_file, task_name
 from switchcit.cit.methods import METHODS
 from switchcit.cit.metrics import METRIC_FIELDS, METRIC_NAMES, main_metric
+from switchcit.pretrained import resolve_model
 from switchcit.serving.openai import AUTO, BASE_MODEL_NAME
 from switchcit.switch import DEFAULT_LAYER
 
@@ -39,7 +40,8 @@ def _setting(default, help: str, **extra):
 
 @dataclass
 class TrainConfig:
-    base: str = _setting("", "base model folder (transformers format)", required=True)
+    base: str = _setting("", "base model: a folder (transformers format) or a hub id already in the local "
+                             "Hugging Face cache", required=True)
     tasks: list[str] = _setting([], "tasks in stream order: DIR[,DIR...]; a DIR holds train.jsonl and test.jsonl; "
                                     "hf:NAME[:CONFIG] names a Hugging Face dataset (train and test splits)",
                                 required=True)
@@ -121,9 +123,7 @@ class TrainConfig:
         if not all(type(seed) is int for seed in self.seeds) or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds needs distinct integers separated by commas, got "
                              f"{','.join(map(str, self.seeds))}")
-        model_config = Path(self.base) / "config.json"
-        if not model_config.is_file():
-            raise FileNotFoundError(f"base model folder {self.base} has no config.json")
+        model_config = resolve_model(self.base) / "config.json"
         layers = json.loads(model_config.read_text()).get("num_hidden_layers")
         if layers is not None and not 0 <= self.switch_layer < layers:
             raise ValueError(f"--switch-layer {self.switch_layer} is outside [0, {layers}) "

@@ -59,6 +59,7 @@ from switchcit.cit.evaluation import (
     write_predictions,
 )
 from switchcit.cit.methods import METHODS, Method
+from switchcit.pretrained import resolve_model
 from switchcit.prompts import prompt_tokens
 
 __all__ = ["Trainer", "collate", "draw_batch", "encode_example", "lr_schedule", "target_loss", "train"]
@@ -83,11 +84,12 @@ class Trainer:
         self.config, self.out = config, Path(config.out)
         self.rank, self.world = _distributed_rank_and_size()
         self.device = _device(config.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.base)
+        base_folder = resolve_model(config.base)
+        self.tokenizer = AutoTokenizer.from_pretrained(base_folder)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # The frozen base in --dtype; PEFT keeps the adapters in float32.
-        base = AutoModelForCausalLM.from_pretrained(config.base, dtype=getattr(torch, config.dtype)).to(self.device)
+        base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=getattr(torch, config.dtype)).to(self.device)
         layers = range(config.switch_layer, base.config.num_hidden_layers)  # below K: the base model
         self.lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                target_modules=list(config.target_modules), layers_to_transform=list(layers),
@@ -337,7 +339,7 @@ class Trainer:
         folder = self._adapter_folder(task)
         self.model.save_pretrained(str(folder.parent), selected_adapters=[task])
         seen = self.tasks[: stage + 1]
-        write_run_manifest(self.out / "switchcit", Path(self.config.base).resolve(),
+        write_run_manifest(self.out / "switchcit", resolve_model(self.config.base).resolve(),
                            {t: self._adapter_folder(t) for t in seen}, self.out / "switchcit" / "switch",
                            self.config.switch_layer)
 
