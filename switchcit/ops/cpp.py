@@ -111,7 +111,7 @@ class CppKernels:
     @staticmethod
     def forward(out, x, lora_a, lora_b, plan: RoutingPlan, scaling, scale, ranks, save):
         target = out if out.is_contiguous() else torch.zeros(out.shape, dtype=out.dtype)
-        # Only the autograd path saves x·Aᵀ: inference allocates nothing besides out.
+        # Only the autograd path saves x·Aᵀ: inference allocates no buffer for it.
         shrunk = x.new_zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32) if save else None
         cpp_lora_forward_(
             target, shrunk, x.contiguous(), lora_a.contiguous(), lora_b.contiguous(),

@@ -1,16 +1,18 @@
-"""Compiling the ops: the Triton op is a registered torch.library custom op (opcheck passes, torch.compile
-traces it), and every Triton kernel compiles for sm_80 and sm_90 on a machine without a GPU."""
+"""Compiling the ops: the Triton and C++ kernels are registered torch.library custom ops (opcheck passes,
+torch.compile traces them), and every Triton kernel compiles for sm_80 and sm_90 on a machine without a GPU."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import DEVICE, assert_close_to_reference
-from helpers import make_problem
+from helpers import BACKENDS, backend_device, make_problem
 
 from switchcit import build_routing_plan, lora_linear
+from switchcit.ops import cpp
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,13 +33,32 @@ def test_opcheck(generator):
                           test_utils=tests)
 
 
-def test_torch_compile_fullgraph(generator):
-    p = make_problem(generator, 26, 40, 30, 4, 8, device=DEVICE)
+@pytest.mark.skipif(not cpp.HAS_CPP_KERNELS, reason="C++ core not built")
+def test_cpp_opcheck(generator):
+    """The C++ ops' schemas and fake implementations: the forward with a buffer for x·Aᵀ (training) and
+    without (inference), the backward with every gradient or only some."""
+    p = make_problem(generator, 21, 32, 24, 3, 8)
+    plan = build_routing_plan(p.adapter_ids, 3)
+    routing = (plan.sorted_token_ids, plan.adapter_offsets)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    shrunk = torch.zeros(21, 8)
+    for saved, scaling, ranks in ((shrunk, p.scaling, p.ranks), (None, None, None)):
+        torch.library.opcheck(cpp.cpp_lora_forward_.op, (torch.zeros(21, 24), saved, p.x, p.lora_a, p.lora_b,
+                                                          *routing, scaling, 0.5, ranks), test_utils=tests)
+    grad_out = torch.randn(21, 24, generator=generator)
+    for needs in ((True, True, True), (False, True, False)):
+        torch.library.opcheck(cpp.cpp_lora_backward.op, (grad_out, p.x, p.lora_a, p.lora_b, shrunk, *routing,
+                                                          p.scaling, 1.0, p.ranks, *needs), test_utils=tests)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_torch_compile_fullgraph(backend, generator):
+    p = make_problem(generator, 26, 40, 30, 4, 8, device=backend_device(backend, DEVICE))
     plan = build_routing_plan(p.adapter_ids, 4, tiles=True)
 
     def layer(x, weight, bias, lora_a, lora_b, scaling, ranks):
         return torch.relu(lora_linear(x, weight, lora_a, lora_b, plan, scaling, bias=bias, ranks=ranks,
-                                      backend="triton"))
+                                      backend=backend))
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     got = compiled(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.scaling, p.ranks)
