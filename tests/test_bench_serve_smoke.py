@@ -33,7 +33,8 @@ def test_serve_benchmark_smoke(tmp_path, tmp_path_factory):
     report = json.loads((tmp_path / "serve-cpu-smoke.json").read_text())
     rows = report["rows"]
     assert [(row["row"], row["workload"]) for row in rows] == [
-        ("switchcit", "poisson"), ("switchcit", "burst"), ("switchcit auto", "poisson"), ("switchcit auto", "burst")]
+        ("switchcit", "poisson"), ("switchcit", "burst"), ("switchcit auto", "poisson"), ("switchcit auto", "burst"),
+        ("switchcit base", "poisson"), ("switchcit base", "burst")]
     assert list(report["meta"]["servers"]) == ["switchcit"] and report["meta"]["agreement"] == {}
     for row in rows:
         count = requests if row["workload"] == "poisson" else burst
