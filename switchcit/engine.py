@@ -311,7 +311,7 @@ class Engine:
         kv_length = max(self.lengths) + 1
         allowed = torch.arange(kv_length, device=self.device)[None] <= positions[:, None]
         self.cache.decode_at(positions, kv_length)
-        self.model.context.assign(self._adapters[:count])
+        self.model.context.assign(self._adapters[:count], checked=True)  # no host read per step
         logits = self.model.network(input_ids=self._last_tokens[:count, None],
                                     attention_mask=self._additive(allowed[:, None, None, :]),
                                     position_ids=positions[:, None], past_key_values=self.cache, use_cache=True,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from switchcit.ops import RoutingPlan, build_routing_plan, lora_delta
+from switchcit.ops.routing import check_adapter_ids
 
 __all__ = ["NO_ADAPTER", "RoutingContext", "MultiLoraLinear", "attach_context", "linear_features"]
 
@@ -82,12 +83,16 @@ class RoutingContext:
         return torch.tensor([NO_ADAPTER if n is None else self.id_of(n) for n in names], dtype=torch.int64,
                             device=device)
 
-    def assign(self, sequence_ids: torch.Tensor | None) -> None:
+    def assign(self, sequence_ids: torch.Tensor | None, *, checked: bool = False) -> None:
         """One adapter id per sequence (−1: base model) for the following forwards; ``None``: none
-        assigned (bank layers then run the base model)."""
+        assigned (bank layers then run the base model). The ids' values are checked here, once, not in
+        every forward (on CUDA a check is a host sync); ``checked``: the caller's own valid ids (the
+        engine's, every decode step), not read at all."""
         if sequence_ids is not None:
             if not isinstance(sequence_ids, torch.Tensor) or sequence_ids.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"adapter ids must be an int32 or int64 tensor, got {sequence_ids!r:.60}")
+            if not checked:
+                check_adapter_ids(sequence_ids, self.num_adapters)
             sequence_ids = sequence_ids.reshape(-1)
         self.sequence_ids, self._plan = sequence_ids, None
 
@@ -103,14 +108,16 @@ class RoutingContext:
         if sequences == 0 or batch % sequences:
             raise ValueError(f"{sequences} routed sequences do not fit a batch of {batch}")
         tokens_per_sequence = (batch // sequences) * math.prod(input_shape[1:])
-        self.route_tokens(ids.to(device).repeat_interleave(tokens_per_sequence))
+        self.route_tokens(ids.to(device).repeat_interleave(tokens_per_sequence), validate=False)  # checked in assign
 
-    def route_tokens(self, token_ids: torch.Tensor, sequence_ids: torch.Tensor | None = None) -> None:
+    def route_tokens(self, token_ids: torch.Tensor, sequence_ids: torch.Tensor | None = None, *,
+                     validate: bool = True) -> None:
         """Set the current forward's plan from one id per token (flattened ``[B, S]``); with
-        ``sequence_ids``, also assign them for the forwards that follow (decode steps)."""
+        ``sequence_ids``, also assign them for the forwards that follow (decode steps). ``validate``:
+        check the ids' values (see :func:`switchcit.build_routing_plan`)."""
         if sequence_ids is not None:
             self.sequence_ids = sequence_ids.reshape(-1)
-        self._plan = build_routing_plan(token_ids.reshape(-1), self.num_adapters)
+        self._plan = build_routing_plan(token_ids.reshape(-1), self.num_adapters, validate=validate)
 
 
 def attach_context(model: nn.Module, context: RoutingContext) -> RoutingContext:

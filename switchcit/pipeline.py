@@ -172,7 +172,7 @@ class SwitchModel:
         keep = routing["routed"]  # requests that named their adapter keep it
         sequence_ids = torch.where(keep, sequence_ids, routing["explicit"].to(torch.int32))
         token_ids = torch.where(keep[:, None], token_ids, routing["explicit"][:, None].to(torch.int32))
-        self.context.route_tokens(token_ids, sequence_ids)
+        self.context.route_tokens(token_ids, sequence_ids, validate=False)  # the switch's table holds valid ids
         routing["sequence_ids"] = sequence_ids
 
     # ------------------------------------------------------------------ generation

@@ -172,7 +172,7 @@ def test_bad_configs_fail_before_training(stream, tmp_path):
         "has no examples": dict(tasks=[str(empty)]),
         "unknown field name": dict(fields={"answer": "reply"}),
         "unknown method": dict(methods=["switchcit", "finetune"]),
-        "has no config.json": dict(base=str(tmp_path)),
+        "neither a model folder": dict(base=str(tmp_path)),
         "steps must be at least 1": dict(steps=0),
         r"--switch-layer 2 is outside \[0, 2\)": dict(switch_layer=2),
     }
