@@ -232,6 +232,37 @@ def test_target_loss_reads_only_the_logits_it_needs(generator):
     torch.testing.assert_close(target_loss(model, input_ids, labels, torch.ones_like(input_ids)), expected)
 
 
+def test_a_collated_batch_gives_each_example_its_own_loss_and_gradient(generator):
+    """Left padding (targets end-aligned, logits of the target span only) changes nothing: the batch's
+    loss and gradient equal the mean of each example's loss and gradient computed alone, unpadded."""
+    import transformers
+
+    from switchcit.cit.trainer import IGNORE, collate, target_loss
+
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).double()
+    pairs = []
+    for prompt_length, target_length in ((9, 3), (2, 6), (5, 1)):  # ragged prompts and targets
+        ids = torch.randint(0, 100, (prompt_length + target_length,), generator=generator).tolist()
+        pairs.append((ids, [IGNORE] * prompt_length + ids[prompt_length:]))
+
+    def loss_and_grad(batch):
+        model.zero_grad()
+        loss = target_loss(model, **batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    batch = collate(pairs, pad_id=0)
+    assert (batch["attention_mask"][:, -1] == 1).all() and (batch["labels"][:, -1] != IGNORE).all()
+    loss, grads = loss_and_grad(batch)
+    alone = [loss_and_grad(collate([pair], pad_id=0)) for pair in pairs]
+    torch.testing.assert_close(loss, sum(a[0] for a in alone) / len(pairs))
+    for index, grad in enumerate(grads):
+        torch.testing.assert_close(grad, sum(a[1][index] for a in alone) / len(pairs))
+
+
 def test_each_method_routes_evaluation_prompts_to_the_adapters_it_has(stream, tmp_path, monkeypatch):
     """At stage t: oracle sends a task's prompts to its adapter only once that task was trained (the
     base model before), sequential sends every prompt to its one adapter, and the base row uses none."""

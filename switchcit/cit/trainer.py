@@ -355,14 +355,16 @@ def encode_example(tokenizer, example: Example, max_length: int) -> tuple[list[i
 
 
 def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded: every row's target ends at the last position, so the loss needs the logits of the
+    longest target's positions only (:func:`target_loss`), not of the longest prompt's."""
     length = max(len(ids) for ids, _ in pairs)
     input_ids = torch.full((len(pairs), length), pad_id)
     labels = torch.full((len(pairs), length), IGNORE)
     attention_mask = torch.zeros(len(pairs), length, dtype=torch.long)
     for row, (ids, lab) in enumerate(pairs):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(lab)] = torch.tensor(lab)
-        attention_mask[row, : len(ids)] = 1
+        input_ids[row, length - len(ids) :] = torch.tensor(ids)
+        labels[row, length - len(lab) :] = torch.tensor(lab)
+        attention_mask[row, length - len(ids) :] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
@@ -399,7 +401,9 @@ def target_loss(model, input_ids, labels, attention_mask) -> torch.Tensor:
     targets = labels[:, 1:]
     predicting = (targets != IGNORE).any(0).nonzero()
     keep = targets.shape[1] - int(predicting[0]) if len(predicting) else 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep + 1).logits[:, :-1].float()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first token
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=keep + 1).logits[:, :-1].float()
     targets = targets[:, -keep:]
     token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     counted = (targets != IGNORE).sum(1).clamp(min=1)
