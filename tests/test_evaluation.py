@@ -196,3 +196,51 @@ def test_seeds_that_are_not_integers_fail_in_one_line(stream, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="--seeds needs distinct integers"):
         small_config(stream, tmp_path / "run", seeds=[1, 1]).validate()
+
+
+def test_frozen_adapters_answer_each_prompt_once_and_change_no_prediction(stream, tmp_path, monkeypatch):
+    """switchcit and oracle share per-task adapters that are never trained again: each (frozen adapter,
+    prompt) is generated once per run, sequential's changing adapter at every stage, and every saved
+    prediction equals that of a run that generates everything."""
+    import switchcit.cit.trainer as trainer_module
+    from switchcit.pipeline import SwitchModel
+
+    generated = []
+    real_generate = SwitchModel.generate
+
+    def recording(self, prompts, adapters=None, **options):
+        texts, chosen = real_generate(self, prompts, adapters, **options)
+        generated.extend(zip(chosen, prompts))
+        return texts, chosen
+
+    monkeypatch.setattr(SwitchModel, "generate", recording)
+    methods = ["switchcit", "oracle", "sequential"]
+    train(small_config(stream, tmp_path / "cached", methods=methods))
+    frozen = [pair for pair in generated if pair[0] != "sequential"]
+    assert len(frozen) == len(set(frozen)), "a frozen adapter's answer was generated twice"
+    assert len([pair for pair in generated if pair[0] == "sequential"]) == 2 * 8  # 2 stages × 8 test prompts
+    assert {adapter for adapter, _ in frozen} >= {None, "covidfact", "simplification"}
+
+    class EverythingAnew(trainer_module.FrozenAnswers):
+        def generate(self, pipeline, prompts, adapters, **options):
+            return pipeline.generate(prompts, adapters, **options)
+
+    monkeypatch.setattr(trainer_module, "FrozenAnswers", EverythingAnew)
+    generated.clear()
+    train(small_config(stream, tmp_path / "anew", methods=methods))
+    assert len(generated) == 8 * (1 + 2 + 2 + 2)  # the base model, then 2 stages of each method
+    assert _files(tmp_path / "cached") == _files(tmp_path / "anew")
+
+
+def test_eval_ahead_leaves_the_cells_of_later_tasks_empty(stream, tmp_path):
+    """--eval-ahead 0: a stage evaluates the tasks trained so far only; the matrix's later cells are
+    empty (FWT, which reads them, too) and every other figure is computed."""
+    out = tmp_path / "run"
+    results = train(small_config(stream, out, eval_ahead=0))["sequential"]
+    first = read_predictions(out / "sequential" / "predictions" / "stage-1.jsonl")
+    assert {r["task"] for r in first} == {"covidfact"}
+    assert results["matrix"][0][1] is None and results["matrix_ci"][0][1] is None
+    assert results["matrix"][0][0] is not None and None not in results["matrix"][1]
+    assert results["FWT"] is None and results["AP"] is not None and results["BWT"] is not None
+    with pytest.raises(ValueError, match="--eval-ahead must be -1"):
+        small_config(stream, tmp_path / "bad", eval_ahead=-2).validate()

@@ -65,6 +65,8 @@ class TrainConfig:
     max_length: int = _setting(256, "prompt + target tokens in training")
     max_new_tokens: int = _setting(64, "longest answer in evaluation")
     eval_batch_size: int = _setting(16, "prompts generated together in evaluation")
+    eval_ahead: int = _setting(-1, "tasks after the one just trained that each stage also evaluates (-1: all); "
+                                   "1 gives every cell a metric reads (FWT needs R[t][t+1]), the others stay empty")
     checkpoint_every: int = _setting(25, "optimizer steps between checkpoints")
     replay_rate: float = _setting(0.25, "replay: the fraction of each batch drawn from the earlier tasks' retained "
                                         "examples")
@@ -105,6 +107,8 @@ class TrainConfig:
                      "checkpoint_every", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.eval_ahead < -1:
+            raise ValueError(f"--eval-ahead must be -1 (all tasks) or at least 0, got {self.eval_ahead}")
         if not (self.lr > 0 and 0 < self.retention <= 1 and 0 <= self.dropout < 1):
             raise ValueError(f"need lr > 0, 0 < retention ≤ 1, 0 ≤ dropout < 1 "
                              f"(got {self.lr}, {self.retention}, {self.dropout})")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ from switchcit.serving.openai import BASE_MODEL_NAME  # records name the adapter
 if TYPE_CHECKING:
     from switchcit.cit.config import TrainConfig
 
-__all__ = ["BASE_PREDICTIONS", "evaluate_tasks", "load_eval_sets", "read_predictions", "routing_accuracy",
+__all__ = ["BASE_PREDICTIONS", "FrozenAnswers", "evaluate_tasks", "load_eval_sets", "read_predictions", "routing_accuracy",
            "stage_predictions", "task_metrics", "trivial_baseline", "write_predictions"]
 
 BASE_PREDICTIONS = Path("predictions") / "base-model.jsonl"  # under the run folder
@@ -47,26 +48,62 @@ def task_metrics(config: TrainConfig) -> dict[str, str]:
     return {task: main_metric(task, declared[task]) for task in config.task_names}
 
 
+class FrozenAnswers:
+    """Greedy answers of adapters whose weights never change again, by (adapter, prompt, max_new_tokens):
+    ``frozen`` names them (SwitchCIT's per-task adapters, never retrained once trained); the base model
+    (``None``) is always frozen. An evaluation then generates only what it has not answered before —
+    a later stage, or another method with the same adapters (oracle) — and reuses the rest: what the
+    same greedy generation of that prompt gave (an answer does not depend on what shares its batch)."""
+
+    def __init__(self, frozen: Collection[str]):
+        self.frozen = frozenset(frozen)
+        self._answers: dict[tuple[str | None, str, int], str] = {}
+
+    def generate(self, pipeline, prompts: list[str], adapters: list[str | None] | None, *, max_new_tokens: int,
+                 batch_size: int) -> tuple[list[str], list[str | None]]:
+        """``pipeline.generate``'s answers and adapters; ``adapters`` ``None``: the switch picks, here
+        before generating (an encoder pass to its layer), so that known answers are found."""
+        if adapters is None:
+            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad together
+            routes = [None] * len(prompts)
+            for first in range(0, len(order), batch_size):
+                chunk = order[first : first + batch_size]
+                for i, adapter in zip(chunk, pipeline.route([prompts[i] for i in chunk])):
+                    routes[i] = adapter
+            adapters = routes
+        keys = [(adapter, prompt, max_new_tokens) for adapter, prompt in zip(adapters, prompts)]
+        new = list(dict.fromkeys(key for key in keys if key not in self._answers))  # each once, in order
+        answers = dict(self._answers)
+        if new:
+            texts, _ = pipeline.generate([k[1] for k in new], [k[0] for k in new], max_new_tokens=max_new_tokens,
+                                         batch_size=batch_size)
+            answers.update(zip(new, texts))
+            self._answers.update((k, text) for k, text in zip(new, texts) if k[0] is None or k[0] in self.frozen)
+        return [answers[key] for key in keys], list(adapters)
+
+
 def evaluate_tasks(pipeline, eval_sets: dict[str, list[Example]],
                    adapters_of: Callable[[list[str]], list[str | None] | None], *, max_new_tokens: int,
-                   batch_size: int, metrics: Mapping[str, str] | None = None) -> tuple[dict[str, float], list[dict]]:
+                   batch_size: int, metrics: Mapping[str, str] | None = None,
+                   answers: FrozenAnswers | None = None) -> tuple[dict[str, float], list[dict]]:
     """Main-metric score per task (``metrics[task]``, else the task's fallback) and one record per prompt
     (see the module notes). ``adapters_of(tasks of the prompts)``: an adapter name (``None``: base
-    model) per prompt, or ``None`` for the switch to pick."""
+    model) per prompt, or ``None`` for the switch to pick. ``answers``: reuse the answers of frozen
+    adapters (:class:`FrozenAnswers`); without it every prompt goes through one routed generate."""
     tasks = [task for task, examples in eval_sets.items() for _ in examples]
     prompts = [e.prompt for examples in eval_sets.values() for e in examples]
-    answers, adapters = pipeline.generate(prompts, adapters_of(tasks), max_new_tokens=max_new_tokens,
-                                          batch_size=batch_size)
+    generate = pipeline.generate if answers is None else partial(answers.generate, pipeline)
+    texts, adapters = generate(prompts, adapters_of(tasks), max_new_tokens=max_new_tokens, batch_size=batch_size)
     scores, predictions, start = {}, [], 0
     for task, examples in eval_sets.items():
         stop = start + len(examples)
         metric = main_metric(task, (metrics or {}).get(task))
-        rows = example_statistics(metric, examples, answers[start:stop])
+        rows = example_statistics(metric, examples, texts[start:stop])
         scores[task] = float(score_of_statistics(metric, rows.sum(0)))
         predictions += [{"task": task, "prompt": example.prompt, "adapter": adapter or BASE_MODEL_NAME,
                          "max_tokens": max_new_tokens, "output": answer, "reference": example.target,
                          "score": float(score)}
-                        for example, adapter, answer, score in zip(examples, adapters[start:stop], answers[start:stop],
+                        for example, adapter, answer, score in zip(examples, adapters[start:stop], texts[start:stop],
                                                                    score_of_statistics(metric, rows))]
         start = stop
     return scores, predictions

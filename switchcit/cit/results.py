@@ -51,12 +51,16 @@ def _figures(scores: list[list[float | None]]) -> dict:
     return continual_figures(scores[2:], baseline=scores[0], trivial_baseline=scores[1])
 
 
-def _row(path: Path, eval_sets: dict[str, list[Example]], metrics: dict[str, str]) -> list[np.ndarray]:
-    """Per-example statistics of every task from the predictions saved in ``path``."""
+def _row(path: Path, eval_sets: dict[str, list[Example]], metrics: dict[str, str]) -> list[np.ndarray | None]:
+    """Per-example statistics of every task from the predictions saved in ``path`` (None for a task the
+    stage did not evaluate: ``--eval-ahead``)."""
     records = read_predictions(path)
     row = []
     for task, examples in eval_sets.items():
         answers = [record for record in records if record["task"] == task]
+        if not answers:
+            row.append(None)
+            continue
         if [record["prompt"] for record in answers] != [example.prompt for example in examples]:
             raise ValueError(f"{path}: the {task} predictions are not this run's test examples")
         row.append(example_statistics(metrics[task], examples, [record["output"] for record in answers]))

@@ -51,6 +51,7 @@ from switchcit.cit.config import LR_SCHEDULERS, TrainConfig
 from switchcit.cit.data import Example, load_task, retained_sample
 from switchcit.cit.evaluation import (
     BASE_PREDICTIONS,
+    FrozenAnswers,
     evaluate_tasks,
     load_eval_sets,
     routing_accuracy,
@@ -109,6 +110,7 @@ class Trainer:
         self.eval_sets = load_eval_sets(config)
         self.retained = {n: retained_sample(examples, config.retention, config.seed)
                          for n, examples in self.train_sets.items()}
+        self.answers = FrozenAnswers(self.tasks)  # per-task adapters are named after their tasks
 
     # ------------------------------------------------------------------ the stream
 
@@ -285,7 +287,9 @@ class Trainer:
         if self.rank != 0:
             _barrier()
             return [None] * len(self.tasks), None  # rank 0 holds the results
-        scores, predictions = self._evaluate(lambda prompt_tasks: method.eval_adapters(self.tasks, stage, prompt_tasks))
+        ahead = len(self.tasks) if self.config.eval_ahead < 0 else self.config.eval_ahead
+        scores, predictions = self._evaluate(lambda prompt_tasks: method.eval_adapters(self.tasks, stage, prompt_tasks),
+                                             self.tasks[: stage + 1 + ahead])
         write_predictions(stage_predictions(self.out, method.name, stage), predictions)
         accuracy = None
         if method.routing == "switch":
@@ -294,11 +298,14 @@ class Trainer:
         logger.info("[%s] after %s: %s", method.name, self.tasks[stage],
                     ", ".join(f"{t} {s:.2f}" for t, s in scores.items()))
         _barrier()
-        return [scores[t] for t in self.tasks], accuracy
+        return [scores.get(t) for t in self.tasks], accuracy
 
-    def _evaluate(self, adapters_of):
-        return evaluate_tasks(self.pipeline, self.eval_sets, adapters_of, max_new_tokens=self.config.max_new_tokens,
-                              batch_size=self.config.eval_batch_size, metrics=self.metrics)
+    def _evaluate(self, adapters_of, tasks: list[str] | None = None):
+        """Scores and predictions of ``tasks`` (default: all), reusing the answers of adapters that are
+        never trained again (the per-task ones, named after their tasks, and the base model)."""
+        eval_sets = {t: self.eval_sets[t] for t in tasks or self.tasks}
+        return evaluate_tasks(self.pipeline, eval_sets, adapters_of, max_new_tokens=self.config.max_new_tokens,
+                              batch_size=self.config.eval_batch_size, metrics=self.metrics, answers=self.answers)
 
     def evaluate_saved(self, name: str) -> tuple[dict[str, float], list[dict]]:
         """The final stage of method ``name`` from its saved adapters (``switchcit eval``): scores and
