@@ -1,5 +1,6 @@
 #include <pybind11/pybind11.h>
 
+#include "linear_cpu.h"
 #include "lora_cpu.h"
 #include "routing.h"
 
@@ -29,4 +30,9 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>(),
         "Gradients of lora_forward: grad_x += (accumulated), grad_a and grad_b = (float32, overwritten);\n"
         "pass 0 for any gradient that is not needed.");
+  m.def("linear_forward", &switchcit::linear_forward, py::arg("out"), py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("dtype"), py::arg("rows"), py::arg("hidden"), py::arg("out_features"),
+        py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+        "out[M, O] = x[M, H] @ weight[O, H].T (+ bias[O]), float32 sums in an order fixed by H alone\n"
+        "(see csrc/linear_cpu.h); bias 0 = none.");
 }

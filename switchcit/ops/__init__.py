@@ -4,11 +4,13 @@
   (:mod:`switchcit.ops.lora`; Triton kernels in ``switchcit.kernels``, C++ kernels in ``switchcit._C``);
 * :func:`build_routing_plan` / :class:`RoutingPlan` — the tokens of a forward sorted by adapter, built
   once and read by every layer (:mod:`switchcit.ops.routing`);
-* :func:`switch_route` — the switch's classifier and gate on the device (:mod:`switchcit.ops.switch_route`).
+* :func:`switch_route` — the switch's classifier and gate on the device (:mod:`switchcit.ops.switch_route`);
+* :func:`linear` — ``F.linear`` with a C++ kernel for decode-sized batches on CPU (:mod:`switchcit.ops.linear`).
 
 One backend selector serves them all (:func:`select_backend`).
 """
 from switchcit.ops.backends import BACKENDS, select_backend
+from switchcit.ops.linear import linear
 from switchcit.ops.lora import lora_delta, lora_linear
 from switchcit.ops.naive import SwitchHead
 from switchcit.ops.routing import RoutingPlan, build_routing_plan
@@ -16,5 +18,5 @@ from switchcit.ops.switch_route import switch_route
 
 __all__ = [
     "BACKENDS", "select_backend", "lora_delta", "lora_linear", "RoutingPlan", "build_routing_plan",
-    "SwitchHead", "switch_route",
+    "SwitchHead", "switch_route", "linear",
 ]

@@ -1,5 +1,5 @@
-"""The C++ CPU kernels (``switchcit._C``, OpenMP) as ``torch.library`` custom ops, and the
-forward/backward of the LoRA term composed from them.
+"""The C++ CPU kernels (``switchcit._C``, OpenMP) as ``torch.library`` custom ops: the LoRA term's
+forward/backward composed from them, and the dense linear layer for decode-sized batches.
 
 The extension is built without torch headers (pip's isolated build has no torch), so it takes raw
 data pointers of contiguous tensors; everything is checked here and in ``switchcit.ops`` first.
@@ -29,6 +29,7 @@ except ImportError:  # the library stays usable without its C++ core
 Tensor = torch.Tensor
 
 HAS_CPP_KERNELS = _C is not None and hasattr(_C, "lora_forward")
+HAS_CPP_LINEAR = _C is not None and hasattr(_C, "linear_forward")  # a build older than the kernel lacks it
 CPP_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
@@ -103,6 +104,21 @@ def _(grad_out, x, lora_a, lora_b, shrunk, sorted_token_ids, adapter_offsets, sc
       needs_x, needs_a, needs_b):
     return [torch.empty_like(t) if need else x.new_empty(0)
             for t, need in ((x, needs_x), (lora_a, needs_a), (lora_b, needs_b))]
+
+
+@traceable_op("switchcit::cpp_linear", mutates_args=(), device_types="cpu")
+def cpp_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x [M, H] · weightᵀ (+ bias)`` → ``[M, O]``: contiguous tensors of one dtype of ``CPP_DTYPES``."""
+    rows, hidden = x.shape
+    out = x.new_empty(rows, weight.shape[0])
+    _C.linear_forward(out.data_ptr(), x.data_ptr(), weight.data_ptr(), _ptr(bias), CPP_DTYPES[x.dtype], rows, hidden,
+                      weight.shape[0], torch.get_num_threads())
+    return out
+
+
+@cpp_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 class CppKernels:
