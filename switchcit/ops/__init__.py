@@ -5,12 +5,12 @@
 * :func:`build_routing_plan` / :class:`RoutingPlan` — the tokens of a forward sorted by adapter, built
   once and read by every layer (:mod:`switchcit.ops.routing`);
 * :func:`switch_route` — the switch's classifier and gate on the device (:mod:`switchcit.ops.switch_route`);
-* :func:`linear` — ``F.linear`` with a C++ kernel for decode-sized batches on CPU (:mod:`switchcit.ops.linear`).
+* :func:`linear` — ``F.linear`` with a C++ kernel for decode-sized batches on CPU (:mod:`switchcit.ops.dense`).
 
 One backend selector serves them all (:func:`select_backend`).
 """
 from switchcit.ops.backends import BACKENDS, select_backend
-from switchcit.ops.linear import linear
+from switchcit.ops.dense import linear
 from switchcit.ops.lora import lora_delta, lora_linear
 from switchcit.ops.naive import SwitchHead
 from switchcit.ops.routing import RoutingPlan, build_routing_plan

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import assert_close_to_reference
 
 from switchcit.ops import cpp, linear
-from switchcit.ops.linear import MAX_ROWS, uses_kernel
+from switchcit.ops.dense import MAX_ROWS, uses_kernel
 
 pytestmark = pytest.mark.skipif(not cpp.HAS_CPP_LINEAR, reason="C++ core not built")
 
