@@ -29,7 +29,7 @@ import itertools
 import math
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -80,10 +80,16 @@ class EngineRequest:
     generator: torch.Generator | None = None
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """Bytes of keys and values one token takes in every layer."""
+def kv_shape(config) -> tuple[int, int]:
+    """``(kv_heads, head_dim)`` of a transformers config."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return heads, head_dim
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one token takes in every layer."""
+    heads, head_dim = kv_shape(config)
     return 2 * config.num_hidden_layers * heads * head_dim * torch.finfo(dtype).bits // 8
 
 
@@ -97,25 +103,32 @@ class SlotCache(Cache):
 
     def __init__(self, config, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
         super().__init__(layers=[])
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (num_slots, max_len, heads, head_dim)
+        shape = (num_slots, max_len, *kv_shape(config))
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
         self._write: Callable | None = None
 
-    def prefill_into(self, slots: torch.Tensor, pads: list[int], width: int) -> None:
+    def prefill_into(self, slots: torch.Tensor, pads: list[int], width: int, prefix: PrefixCache | None = None,
+                     entries: Callable[[], torch.Tensor] | None = None) -> None:
         """The next forward is a prefill of left-padded rows (``pads[i]`` pad tokens of ``width``):
-        row ``i``'s tokens go to slot ``slots[i]`` at positions ``0…width−pads[i]−1``."""
+        row ``i``'s tokens go to slot ``slots[i]`` at positions ``0…width−pads[i]−1``. With ``prefix``,
+        every row's prompt starts with its tokens and the rows hold only what follows: row ``i`` takes
+        the prefix's keys and values of entry ``entries()[i]`` (read at each layer: the adapter a
+        routed row gets is known from the switch's layer on) and its own tokens go after them."""
         device = slots.device
+        skip = 0 if prefix is None else prefix.length
         rows = torch.cat([torch.full((width - p,), i) for i, p in enumerate(pads)]).to(device)
         source = torch.cat([torch.arange(p, width) for p in pads]).to(device)
-        target = slots[rows] * self.max_len + source - torch.tensor(pads, device=device)[rows]
+        target = slots[rows] * self.max_len + skip + source - torch.tensor(pads, device=device)[rows]
 
-        def write(cache: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        def write(layer: int, kind: int, cache: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
             cache.view(-1, *cache.shape[2:]).index_copy_(0, target, states.transpose(1, 2)[rows, source])
-            return states  # a prefill attends to its own tokens only
+            if prefix is None:
+                return states  # a prefill attends to its own tokens only
+            past = prefix.states[kind][layer].index_select(0, entries())  # [rows, P, kv_heads, head_dim]
+            cache[slots, :skip] = past
+            return torch.cat([past.transpose(1, 2), states], dim=2)
 
         self._write = write
 
@@ -125,14 +138,15 @@ class SlotCache(Cache):
         count = len(positions)
         target = torch.arange(count, device=positions.device) * self.max_len + positions
 
-        def write(cache: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        def write(layer: int, kind: int, cache: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
             cache.view(-1, *cache.shape[2:]).index_copy_(0, target, states[:, :, 0])
             return cache[:count, :kv_length].transpose(1, 2)
 
         self._write = write
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        return self._write(self.keys[layer_idx], key_states), self._write(self.values[layer_idx], value_states)
+        return (self._write(layer_idx, 0, self.keys[layer_idx], key_states),
+                self._write(layer_idx, 1, self.values[layer_idx], value_states))
 
     def move(self, source: int, target: int, length: int) -> None:
         """Slot ``source``'s first ``length`` positions into slot ``target``."""
@@ -143,15 +157,57 @@ class SlotCache(Cache):
         raise NotImplementedError("the engine passes position ids and a 4-D mask to every forward")
 
 
+@dataclass
+class PrefixCache:
+    """Keys and values of a prompt prefix that many prompts share (a chat template's head: its default
+    system prompt and the user turn's opening), one entry per adapter id + 1 (entry 0: the base
+    model): ``states[0 | 1][layer]`` ``[entries, length, kv_heads, head_dim]``, keys and values."""
+
+    tokens: tuple[int, ...]
+    states: tuple[list[torch.Tensor], list[torch.Tensor]]
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def compute(cls, model, tokens: Sequence[int]) -> PrefixCache:
+        """One forward of ``tokens`` under every adapter of ``model``'s bank and the base model."""
+        from transformers import DynamicCache
+
+        entries = model.context.num_adapters + 1
+        device = next(model.network.parameters()).device
+        input_ids = torch.tensor([list(tokens)] * entries, device=device)
+        model.context.assign(torch.arange(-1, entries - 1, device=device))
+        past = DynamicCache()
+        model.network(input_ids=input_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+        model.context.assign(None)
+        layers = [(layer.keys, layer.values) for layer in past.layers]
+        return cls(tuple(tokens), ([k.transpose(1, 2).contiguous() for k, _ in layers],
+                                   [v.transpose(1, 2).contiguous() for _, v in layers]))
+
+
+
+def starts_with(request: EngineRequest, prefix: Sequence[int]) -> bool:
+    """Whether ``request``'s prompt starts with ``prefix`` (not empty), has tokens after it, and none
+    of the switch's span (what it reads) inside it."""
+    ids, span = request.prompt_ids, request.span or (0, len(request.prompt_ids))
+    return 0 < len(prefix) < len(ids) and span[0] >= len(prefix) and tuple(ids[: len(prefix)]) == tuple(prefix)
+
+
 class Engine:
     """Continuous batching for a :class:`~switchcit.pipeline.SwitchModel` (see the module docstring).
 
     ``max_num_seqs``: live sequences (cache slots); ``max_model_len``: prompt + answer tokens of one
     sequence; ``max_num_batched_tokens``: prompt tokens one prefill takes (the first waiting request is
-    always admitted); ``stop_ids``: the tokens that end an answer (default: the model's)."""
+    always admitted); ``stop_ids``: the tokens that end an answer (default: the model's);
+    ``prefix_ids``: a prefix many prompts start with (a chat template's head, see
+    :func:`switchcit.prompts.template_head`), prefilled once per adapter and copied into the slots of
+    the prompts that start with it; computed again after any :meth:`call` (which may change the model)."""
 
     def __init__(self, model, *, max_num_seqs: int = 16, max_model_len: int = 2048,
-                 max_num_batched_tokens: int = 4096, stop_ids: list[int] | None = None):
+                 max_num_batched_tokens: int = 4096, stop_ids: list[int] | None = None,
+                 prefix_ids: Sequence[int] = ()):
         if min(max_num_seqs, max_model_len, max_num_batched_tokens) < 1:
             raise ValueError("max_num_seqs, max_model_len and max_num_batched_tokens must be at least 1")
         self.model = model
@@ -171,6 +227,8 @@ class Engine:
         self._lock = threading.Lock()
         self.wakeup = threading.Event()
         self._seeds = itertools.count(torch.initial_seed() % (1 << 62))
+        self.prefix_ids = tuple(prefix_ids)  # prompts that start with it skip its prefill (PrefixCache)
+        self._prefix: PrefixCache | None = None  # computed at the first prefill that uses it
 
     # ------------------------------------------------------------------ any thread
 
@@ -220,8 +278,10 @@ class Engine:
         self._run_calls()
         self._drop_aborted()
         admitted = self._admit()
-        if admitted:
-            self._prefill_isolating_failures(admitted)
+        with_prefix = [r for r in admitted if starts_with(r, self.prefix_ids)]
+        for group, use_prefix in ((with_prefix, True), ([r for r in admitted if r not in with_prefix], False)):
+            if group:
+                self._prefill_isolating_failures(group, use_prefix)
         if self.running:  # the admitted ones too: their second token comes in this step
             try:
                 self._decode()
@@ -235,6 +295,7 @@ class Engine:
 
     def _run_calls(self) -> None:
         while self._calls:
+            self._prefix = None  # the call may change adapters: their prefix states with them
             with self._lock:
                 function, future = self._calls.popleft()
             if future.set_running_or_notify_cancel():
@@ -258,15 +319,15 @@ class Engine:
                 tokens += len(request.prompt_ids)
         return admitted
 
-    def _prefill_isolating_failures(self, admitted: list[EngineRequest]) -> None:
+    def _prefill_isolating_failures(self, admitted: list[EngineRequest], use_prefix: bool) -> None:
         try:
-            self._prefill(admitted)
+            self._prefill(admitted, use_prefix)
         except Exception as error:  # noqa: BLE001 — the requests get it
             if len(admitted) == 1:
                 self._fail(admitted, error)
                 return
             for request in admitted:
-                self._prefill_isolating_failures([request])
+                self._prefill_isolating_failures([request], use_prefix)
 
     def _fail(self, requests: list[EngineRequest], error: BaseException) -> None:
         self._remove([r for r in requests if r in self.running])
@@ -274,12 +335,20 @@ class Engine:
             request.error = error
             request.emit([], FINISH_ERROR, NO_ADAPTER)
 
-    def _prefill(self, admitted: list[EngineRequest]) -> None:
+    def _prefill(self, admitted: list[EngineRequest], use_prefix: bool) -> None:
+        """One forward over the prompts of ``admitted`` (``use_prefix``: they all start with
+        ``prefix_ids``, whose keys and values are copied, not computed: the forward is over the rest)."""
         model, device = self.model, self.device
-        rows = [r.prompt_ids for r in admitted]
+        prefix = None
+        if use_prefix:
+            if self._prefix is None:
+                self._prefix = PrefixCache.compute(model, self.prefix_ids)
+            prefix = self._prefix
+        skip = 0 if prefix is None else prefix.length
+        rows = [r.prompt_ids[skip:] for r in admitted]
         input_ids, mask2d = pad(rows, model.tokenizer.pad_token_id, device=device)
         width = input_ids.shape[1]
-        spans = [r.span or (0, len(r.prompt_ids)) for r in admitted]
+        spans = [(start - skip, end - skip) for start, end in (r.span or (0, len(r.prompt_ids)) for r in admitted)]
         content = content_mask([len(row) for row in rows], spans, width, device=device)
         explicit = torch.tensor([r.adapter for r in admitted], dtype=torch.int64, device=device)
         routed = torch.tensor([r.routed for r in admitted], device=device)
@@ -292,17 +361,20 @@ class Engine:
             routed = None
         first = len(self.running)
         slots = torch.arange(first, first + len(admitted), device=device)
-        self.cache.prefill_into(slots, [width - len(row) for row in rows], width)
+        self.cache.prefill_into(slots, [width - len(row) for row in rows], width, prefix,
+                                lambda: model.context.sequence_ids + 1)  # entry 0: the base model
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
         allowed = causal[None, None] & mask2d.bool()[:, None, None, :]
-        positions = (mask2d.cumsum(-1) - 1).clamp(min=0)
+        if skip:  # every row's tokens see the whole prefix
+            allowed = torch.cat([allowed.new_ones(len(rows), 1, width, skip), allowed], dim=-1)
+        positions = skip + (mask2d.cumsum(-1) - 1).clamp(min=0)
         logits = model.routed_forward(input_ids, self._additive(allowed), content, explicit, routed,
                                       position_ids=positions, past_key_values=self.cache, use_cache=True,
                                       logits_to_keep=1)[:, -1]
         used = model.context.sequence_ids.to(torch.int32)
         self._adapters[first : first + len(admitted)] = used
         self.running += admitted
-        self.lengths += [len(row) for row in rows]
+        self.lengths += [len(r.prompt_ids) for r in admitted]
         self._emit(admitted, first, self._sample(logits, admitted), used.tolist())
 
     def _decode(self) -> None:

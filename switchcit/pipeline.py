@@ -24,7 +24,7 @@ from torch import nn
 
 from switchcit.modules import NO_ADAPTER, MultiLoraLinear
 from switchcit.ops import switch_route
-from switchcit.prompts import content_mask, pad, prompt_tokens
+from switchcit.prompts import content_mask, pad, prompt_tokens, template_head
 from switchcit.switch import Switch, decoder_layers
 
 __all__ = ["SwitchModel", "lowest_adapted_layer"]
@@ -237,7 +237,8 @@ class SwitchModel:
         longest_prompts = sorted((len(row) for row in prompt_ids), reverse=True)[:slots]
         engine = Engine(self, max_num_seqs=slots, max_model_len=max(len(r.prompt_ids) + r.params.max_tokens
                                                                     for r in requests),
-                        max_num_batched_tokens=sum(longest_prompts), stop_ids=stop_ids)
+                        max_num_batched_tokens=sum(longest_prompts), stop_ids=stop_ids,
+                        prefix_ids=template_head(self.tokenizer))
         for request in requests:
             engine.add(request)
         engine.run_until_done()

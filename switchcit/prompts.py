@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["chat_messages_text", "chat_text", "content_mask", "is_text", "pad", "prompt_tokens", "split_tokens"]
+__all__ = ["chat_messages_text", "chat_text", "content_mask", "is_text", "pad", "prompt_tokens", "split_tokens",
+           "template_head"]
 
 Span = tuple[int, int]
 
@@ -40,6 +41,15 @@ def prompt_tokens(tokenizer, prompt: str, chat: bool = True) -> tuple[list[int],
         return split_tokens(tokenizer, chat_text(tokenizer, prompt), prompt)
     ids = tokenizer(prompt)["input_ids"]
     return ids, (0, len(ids))
+
+
+def template_head(tokenizer) -> list[int]:
+    """The tokens every one-turn chat prompt starts with: the chat template before the user's words
+    (e.g. a default system prompt); ``[]`` without a chat template."""
+    if not tokenizer.chat_template:
+        return []
+    ids, (start, _) = prompt_tokens(tokenizer, "x")
+    return ids[:start]
 
 
 def split_tokens(tokenizer, text: str, content: str) -> tuple[list[int], Span]:

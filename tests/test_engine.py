@@ -12,7 +12,7 @@ from serve_fixtures import TASKS, TOPICS, task_prompts, tiny_run  # noqa: E402
 
 from switchcit.engine import FINISH_ABORT, Engine, EngineRequest, SamplingParams, sample_token  # noqa: E402
 from switchcit.pipeline import SwitchModel  # noqa: E402
-from switchcit.prompts import prompt_tokens  # noqa: E402
+from switchcit.prompts import prompt_tokens, template_head  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,69 @@ def test_few_slots_ragged_prompts_and_limits_equal_each_request_generated_alone(
         expected = hf_greedy(model, request.prompt_ids, name, request.params.max_tokens, stops)
         assert request.output == expected, (i, name)
         assert used[i] == request.adapter
+
+
+def test_a_shared_prefix_is_prefilled_once_per_adapter_and_changes_no_answer(model):
+    """With the chat template's head as the engine's prefix, prefills compute only what follows it
+    (its keys and values are copied per adapter, the switch's adapter for routed prompts), and every
+    answer and adapter is what the engine gives without it; a model change through ``call`` (here:
+    one adapter's weights) makes it prefill the prefix again."""
+    prompts = [p for task in TASKS for p in task_prompts(task, TOPICS[:2])]
+    head = template_head(model.tokenizer)
+    assert len(head) > 4
+
+    def run(prefix_ids, change=None):
+        widths, forward = [], model.network.forward
+
+        def recording(*args, **kwargs):
+            widths.append(kwargs["input_ids"].shape)
+            return forward(*args, **kwargs)
+
+        model.network.forward = recording
+        try:
+            engine = Engine(model, max_num_seqs=3, max_model_len=128, prefix_ids=prefix_ids)
+            if change is not None:  # after a first round of requests, which computed the prefix
+                ids, span = prompt_tokens(model.tokenizer, prompts[0])
+                engine.add(EngineRequest(ids, SamplingParams(max_tokens=1), lambda *a: None, span=span))
+                engine.run_until_done()
+                engine.call(change)
+            requests, adapters = [], {}
+            for i, prompt in enumerate(prompts):
+                ids, span = prompt_tokens(model.tokenizer, prompt)
+                explicit = i % 3 == 0  # the others are routed by the switch inside the prefill
+                adapter = model.context.id_of(TASKS[i % len(TASKS)]) if explicit else -1
+                requests.append(EngineRequest(ids, SamplingParams(max_tokens=6),
+                                              lambda t, f, a, i=i: adapters.__setitem__(i, a), adapter,
+                                              routed=not explicit, span=span))
+                engine.add(requests[-1])
+            engine.run_until_done()
+        finally:
+            del model.network.forward
+        return [(request.output, adapters[i]) for i, request in enumerate(requests)], widths
+
+    plain, plain_widths = run(())
+    shared, shared_widths = run(head)
+    assert shared == plain
+    entries = model.context.num_adapters + 1
+    assert shared_widths.count((entries, len(head))) == 1, "the prefix once, for every adapter and the base model"
+    prefill_widths = [shape[1] for shape in shared_widths if shape[1] > 1 and shape != (entries, len(head))]
+    assert max(prefill_widths) == max(shape[1] for shape in plain_widths) - len(head), "no prefix token prefilled"
+    lora_b = next(p for n, p in model.model.named_parameters() if "lora_b" in n.lower())
+    saved = lora_b.detach().clone()
+
+    def scale_adapters():
+        with torch.no_grad():
+            lora_b.mul_(5)
+
+    try:
+        changed, _ = run(head, scale_adapters)
+        with torch.no_grad():
+            lora_b.copy_(saved * 5)
+        expected, _ = run(())
+    finally:
+        with torch.no_grad():
+            lora_b.copy_(saved)
+    assert changed == expected and changed != plain
 
 
 def test_routed_requests_take_the_switch_s_adapter(model):

@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from switchcit.ops.naive import pool_features  # noqa: E402
-from switchcit.prompts import chat_text  # noqa: E402
+from switchcit.prompts import chat_text, template_head  # noqa: E402
 from switchcit.switch import Switch  # noqa: E402
 
 TASKS = {
@@ -154,11 +154,13 @@ def test_pipeline_routes_inside_the_forward_and_generates_what_peft_generates(en
     assert model.one_pass
 
     calls = []
-    model.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                          with_kwargs=True)
     batch = prompts_of("simplify", TOPICS[6:7])[:2] + prompts_of("haiku", TOPICS[7:8])[:2]
     texts, adapters = model.generate(batch, max_new_tokens=6)
     assert adapters == ["simplify", "simplify", "haiku", "haiku"]
-    assert len(calls) == 6, "one routed prefill + 5 decode steps, no separate switch pass"
+    head = (model.context.num_adapters + 1, len(template_head(model.tokenizer)))  # the shared prefix, once
+    assert calls[0] == head and len(calls[1:]) == 6, "one routed prefill + 5 decode steps, no separate switch pass"
     texts_base, adapters_base = model.generate(batch, [None] * 4, max_new_tokens=6)
     assert adapters_base == [None] * 4 and texts != texts_base, "adapters change the answers"
 

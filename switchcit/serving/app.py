@@ -44,7 +44,7 @@ import torch
 
 from switchcit.engine import FINISH_ABORT, FINISH_ERROR, Engine, EngineRequest, SamplingParams, kv_bytes_per_token
 from switchcit.pipeline import SwitchModel
-from switchcit.prompts import chat_messages_text, split_tokens
+from switchcit.prompts import chat_messages_text, split_tokens, template_head
 from switchcit.serving.openai import (
     AUTO,
     BASE_MODEL_NAME,
@@ -305,7 +305,7 @@ def create_app(model: SwitchModel, *, max_num_seqs: int = 16, max_model_len: int
     if reserved:
         raise ValueError(f"adapter names {sorted(reserved)} are reserved model names: rename them")
     engine = Engine(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                    max_num_batched_tokens=max_num_batched_tokens)
+                    max_num_batched_tokens=max_num_batched_tokens, prefix_ids=template_head(model.tokenizer))
     metrics = _Metrics(engine)
     runner = AsyncEngine(engine, metrics, max_queue, drain_timeout_s)
     # Requests tokenise on several threads at once with their own copy of the tokenizer: a fast
