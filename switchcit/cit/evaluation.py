@@ -25,8 +25,8 @@ from switchcit.serving.openai import BASE_MODEL_NAME  # records name the adapter
 if TYPE_CHECKING:
     from switchcit.cit.config import TrainConfig
 
-__all__ = ["BASE_PREDICTIONS", "FrozenAnswers", "evaluate_tasks", "load_eval_sets", "read_predictions", "routing_accuracy",
-           "stage_predictions", "task_metrics", "trivial_baseline", "write_predictions"]
+__all__ = ["BASE_PREDICTIONS", "FrozenAnswers", "evaluate_tasks", "load_eval_sets", "read_predictions",
+           "routing_accuracy", "stage_predictions", "task_metrics", "trivial_baseline", "write_predictions"]
 
 BASE_PREDICTIONS = Path("predictions") / "base-model.jsonl"  # under the run folder
 
