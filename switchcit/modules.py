@@ -10,19 +10,24 @@ written by one owner before the layers run, and layers only read ``context.plan`
   by a pre-hook on the model's input embeddings, so it runs once per forward, before any layer;
 * :meth:`RoutingContext.route_tokens` replaces the plan in the middle of a forward: the switch reads
   layer K's hidden states and routes layers K…L−1 (:mod:`switchcit.pipeline`).
+
+:func:`accelerate_linear` sends a model's plain ``nn.Linear`` layers — the base layers of bank and PEFT
+layers included — through :func:`switchcit.ops.linear`: the C++ kernel in decode steps on CPU.
 """
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from switchcit.ops import RoutingPlan, build_routing_plan, lora_delta
+from switchcit.ops import RoutingPlan, build_routing_plan, linear, lora_delta
 from switchcit.ops.routing import check_adapter_ids
 
-__all__ = ["NO_ADAPTER", "RoutingContext", "MultiLoraLinear", "attach_context", "linear_features"]
+__all__ = ["NO_ADAPTER", "RoutingContext", "MultiLoraLinear", "attach_context", "linear_features",
+           "accelerate_linear", "restore_linear"]
 
 NO_ADAPTER = -1  # the base model: the only "no adapter" inside the library
 
@@ -133,6 +138,33 @@ def attach_context(model: nn.Module, context: RoutingContext) -> RoutingContext:
 def _begin_forward(embeddings: nn.Module, args: tuple) -> None:
     input_ids = args[0]
     embeddings._switchcit_context.begin_forward(input_ids.shape, input_ids.device)
+
+
+def accelerate_linear(model: nn.Module) -> nn.Module:
+    """Run every ``nn.Linear`` of ``model`` (subclasses with their own forward, and layers whose forward
+    someone else replaced, excepted) through :func:`switchcit.ops.linear`; returns ``model``.
+
+    Instance-level and idempotent; :func:`restore_linear` undoes it. Under grad mode the layers run
+    ``F.linear`` as before, so training is unchanged; with grad mode off, decode-sized CPU batches take the
+    C++ kernel. The base layers of :class:`MultiLoraLinear` and of PEFT's LoRA layers are such layers.
+    """
+    for module in model.modules():
+        if (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+                and "forward" not in module.__dict__):
+            module.forward = types.MethodType(_linear_forward, module)
+    return model
+
+
+def restore_linear(model: nn.Module) -> nn.Module:
+    """Undo :func:`accelerate_linear`: its layers get ``nn.Linear.forward`` back."""
+    for module in model.modules():
+        if getattr(module.__dict__.get("forward"), "__func__", None) is _linear_forward:
+            del module.forward
+    return model
+
+
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
 
 
 def linear_features(base: nn.Module) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from switchcit.modules import NO_ADAPTER, MultiLoraLinear
+from switchcit.modules import NO_ADAPTER, MultiLoraLinear, accelerate_linear
 from switchcit.ops import switch_route
 from switchcit.prompts import content_mask, pad, prompt_tokens, template_head
 from switchcit.switch import Switch, decoder_layers
@@ -37,7 +37,8 @@ class SwitchModel:
     def __init__(self, model: nn.Module, tokenizer, switch: Switch | None = None):
         from switchcit.adapters import routing_context
 
-        self.model, self.tokenizer = model.eval(), tokenizer
+        # Decode steps on CPU: the linear layers' GEMMs through the C++ kernel (grad mode stays F.linear).
+        self.model, self.tokenizer = accelerate_linear(model.eval()), tokenizer
         self.network = _transformers_model(model)
         self.context = routing_context(model)
         if self.tokenizer.pad_token is None:

@@ -235,3 +235,48 @@ def test_plain_forward_after_an_adapter_is_added(generator):
         restore(model)
         expected = model(input_ids=input_ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_accelerate_linear_under_accelerated_peft_layers(generator, monkeypatch):
+    """PEFT's base layers (and lm_head) through the C++ kernel in a no-grad decode-sized forward: PEFT's
+    logits within rounding and its greedy tokens; under grad mode the same logits and gradients, bitwise."""
+    from switchcit.modules import accelerate_linear, restore_linear
+    from switchcit.ops.cpp import HAS_CPP_LINEAR
+
+    if not HAS_CPP_LINEAR:
+        pytest.skip("C++ core not built")
+    import switchcit.ops.dense as dense
+
+    model = accelerate(with_adapters(tiny_llama(), ADAPTERS))
+    layer_of = lambda m: m.base_model.model.model.layers[0].self_attn.q_proj
+    input_ids, mask = batch(generator, length=3)  # 15 rows: every linear layer within the kernel's range
+    mask[3] = 1
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=mask, adapter_names=NAMES).logits
+    generate = dict(input_ids=input_ids, attention_mask=mask, adapter_names=NAMES, max_new_tokens=4, do_sample=False)
+    expected_tokens = model.generate(**generate)
+    model.train()  # PEFT takes no adapter_names in training: the active adapter
+    trained = model(input_ids=input_ids, attention_mask=mask).logits
+    trained.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.eval()
+
+    calls, kernel = [], dense.cpp_linear
+    monkeypatch.setattr(dense, "cpp_linear", lambda *args: calls.append(args[1].shape) or kernel(*args))
+    accelerate_linear(model)
+    with torch.no_grad():
+        got = model(input_ids=input_ids, attention_mask=mask, adapter_names=NAMES).logits
+    assert len(calls) == 2 * 7 + 1, "q k v o gate up down of both layers, and lm_head"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.generate(**generate), expected_tokens)
+
+    calls.clear()
+    model.train()
+    again = model(input_ids=input_ids, attention_mask=mask).logits
+    again.square().mean().backward()
+    assert calls == [] and torch.equal(again, trained)
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters() if p.grad is not None)
+    restore_linear(model)
+    assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert model.switchcit_accelerated_layers == 14 and "forward" in layer_of(model).__dict__, "PEFT layers stay"

@@ -4,6 +4,8 @@ import torch
 from conftest import assert_close_to_reference
 
 from switchcit import NO_ADAPTER, MultiLoraLinear, RoutingContext
+from switchcit.modules import accelerate_linear, restore_linear
+from switchcit.ops.cpp import HAS_CPP_LINEAR
 from switchcit.ops.naive import lora_delta_reference
 
 
@@ -104,3 +106,70 @@ def test_context_names_and_errors():
     context.assign(None)
     context.begin_forward((4, 5), torch.device("cpu"))
     assert context.plan is None, "nothing assigned: every token on the base model"
+
+
+def kernel_calls(monkeypatch) -> list:
+    """Counts the calls :func:`switchcit.ops.linear` makes to the C++ kernel (one entry per call)."""
+    import switchcit.ops.dense as dense
+
+    calls, kernel = [], dense.cpp_linear
+    monkeypatch.setattr(dense, "cpp_linear", lambda *args: calls.append(args[0].shape) or kernel(*args))
+    return calls
+
+
+@pytest.mark.skipif(not HAS_CPP_LINEAR, reason="C++ core not built")
+def test_accelerate_linear_serves_bank_base_layers_with_the_kernel(generator, monkeypatch):
+    """A bank layer's base GEMM goes through the kernel with grad mode off (results as before, within
+    rounding), through F.linear (bitwise as before, gradients included) with it on; restore undoes it."""
+    layer = bank_layer(generator)
+    layer.add_adapter("a", torch.randn(4, 24, generator=generator), torch.randn(20, 4, generator=generator))
+    model = torch.nn.Sequential(layer, torch.nn.Linear(20, 9))
+    x = torch.randn(3, 5, 24, generator=generator)
+    layer.context.assign(layer.context.ids_of(["a", None, "a"]))
+    layer.context.begin_forward(x.shape[:-1], x.device)
+    with torch.no_grad():
+        expected = model(x)
+    trained = x.clone().requires_grad_()
+    trained_out = model(trained)
+    trained_out.sum().backward()
+
+    calls = kernel_calls(monkeypatch)
+    assert accelerate_linear(accelerate_linear(model)) is model
+    forward = layer.base_layer.forward
+    accelerate_linear(model)
+    assert layer.base_layer.forward == forward, "idempotent: the same forward, not one wrapped twice"
+    with torch.no_grad():
+        got = model(x)
+    assert calls == [(15, 24), (15, 20)], "both linear layers, 15 rows each"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    calls.clear()
+    again = x.clone().requires_grad_()
+    out = model(again)
+    out.sum().backward()
+    assert calls == [], "grad mode: F.linear"
+    assert torch.equal(out, trained_out) and torch.equal(again.grad, trained.grad)
+
+    restore_linear(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    assert calls == []
+
+
+def test_accelerate_linear_leaves_other_forwards_alone():
+    """Subclasses with their own forward and layers whose forward someone else replaced keep theirs."""
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    replaced = torch.nn.Linear(4, 4)
+    replaced.forward = lambda x: x
+    model = torch.nn.Sequential(Scaled(4, 4), replaced, torch.nn.Linear(4, 3))
+    accelerate_linear(model)
+    assert "forward" not in model[0].__dict__
+    assert model[1].forward(torch.ones(1, 4)).tolist() == [[1.0] * 4]
+    assert "forward" in model[2].__dict__
+    restore_linear(model)
+    assert "forward" in model[1].__dict__ and "forward" not in model[2].__dict__
