@@ -22,9 +22,18 @@ from switchcit.ops.cpp import CPP_DTYPES, HAS_CPP_LINEAR, cpp_linear
 
 __all__ = ["MAX_ROWS", "linear", "uses_kernel"]
 
-# The most rows of x for which the kernel beats F.linear on this package's CPU benchmark
-# (benchmarks/bench_cpu.py --op linear), per dtype.
-MAX_ROWS = {torch.float32: 64, torch.bfloat16: 64}
+
+def _native_bfloat16() -> bool:
+    """Whether the CPU has bfloat16 matrix instructions (AVX-512 BF16 or AMX), which oneDNN's GEMM uses."""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                       "_is_amx_tile_supported"))
+
+
+# The most rows of x for which the kernel runs (benchmarks/bench_cpu.py --op linear, AVX2 CPU). float32:
+# from ~80 rows MKL is as fast or faster at SmolLM2's layer shapes. bfloat16 without bfloat16
+# instructions: F.linear is ~4× slower than the kernel at every size measured (up to 1024 rows); with
+# them (not measured) oneDNN is expected to win, so the float32 threshold.
+MAX_ROWS = {torch.float32: 64, torch.bfloat16: 64 if _native_bfloat16() else 1024}
 
 
 def uses_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:

@@ -37,7 +37,8 @@ def reference(x, weight, bias):
 # rows around the tile heights (3, and 2 + 2 for the last four) and both sides of the kernel's row threshold.
 SHAPES = [(1, 37, 13), (2, 8, 5), (3, 100, 33), (4, 576, 7), (5, 1, 1), (7, 19, 41), (16, 130, 29),
           (MAX_ROWS[torch.float32] - 1, 45, 18), (MAX_ROWS[torch.float32], 71, 11),
-          (MAX_ROWS[torch.float32] + 1, 23, 9), (70, 64, 30)]
+          (MAX_ROWS[torch.float32] + 1, 23, 9), (70, 64, 30),
+          (MAX_ROWS[torch.bfloat16], 9, 6), (MAX_ROWS[torch.bfloat16] + 1, 12, 5)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
