@@ -108,17 +108,17 @@ def _(grad_out, x, lora_a, lora_b, shrunk, sorted_token_ids, adapter_offsets, sc
 
 @traceable_op("switchcit::cpp_linear", mutates_args=(), device_types="cpu")
 def cpp_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x [M, H] · weightᵀ (+ bias)`` → ``[M, O]``: contiguous tensors of one dtype of ``CPP_DTYPES``."""
-    rows, hidden = x.shape
-    out = x.new_empty(rows, weight.shape[0])
-    _C.linear_forward(out.data_ptr(), x.data_ptr(), weight.data_ptr(), _ptr(bias), CPP_DTYPES[x.dtype], rows, hidden,
-                      weight.shape[0], torch.get_num_threads())
+    """``x [..., H] · weightᵀ (+ bias)`` → ``[..., O]``: contiguous tensors of one dtype of ``CPP_DTYPES``
+    (leading dimensions kept as they are: no reshape on either side, a few µs of a decode step's layer)."""
+    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)  # faster than new_empty
+    _C.linear_forward(out.data_ptr(), x.data_ptr(), weight.data_ptr(), _ptr(bias), CPP_DTYPES[x.dtype],
+                      x.shape[:-1].numel(), x.shape[-1], weight.shape[0], torch.get_num_threads())
     return out
 
 
 @cpp_linear.register_fake
 def _(x, weight, bias):
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 class CppKernels:

@@ -13,8 +13,6 @@ itself, with its results and its gradients.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -47,14 +45,12 @@ def uses_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if bias is not None and not (bias.is_cpu and bias.dtype == x.dtype and bias.shape == weight.shape[:1]
                                  and bias.is_contiguous()):
         return False
-    return math.prod(x.shape[:-1]) <= MAX_ROWS[x.dtype]
+    return x.shape[:-1].numel() <= MAX_ROWS[x.dtype]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., H] · weight [O, H]ᵀ (+ bias [O])`` → ``[..., O]``, like ``torch.nn.functional.linear``."""
     if not uses_kernel(x, weight, bias):
         return F.linear(x, weight, bias)
-    rows = math.prod(x.shape[:-1])
     # x is small (a few rows): a copy of a strided one costs little next to reading the weight.
-    out = cpp_linear(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return cpp_linear(x.contiguous(), weight, bias)
