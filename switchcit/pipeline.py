@@ -24,6 +24,7 @@ from torch import nn
 
 from switchcit.modules import NO_ADAPTER, MultiLoraLinear, accelerate_linear
 from switchcit.ops import switch_route
+from switchcit.ops.attention import accelerate_attention
 from switchcit.prompts import content_mask, pad, prompt_tokens, template_head
 from switchcit.switch import Switch, decoder_layers
 
@@ -39,7 +40,7 @@ class SwitchModel:
 
         # Decode steps on CPU: the linear layers' GEMMs through the C++ kernel (grad mode stays F.linear).
         self.model, self.tokenizer = accelerate_linear(model.eval()), tokenizer
-        self.network = _transformers_model(model)
+        self.network = accelerate_attention(_transformers_model(model))  # decode steps: grouped-query attention
         self.context = routing_context(model)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 __all__ = [
-    "lora_delta_reference", "lora_linear_reference",
+    "attention_reference", "lora_delta_reference", "lora_linear_reference",
     "SwitchHead", "pool_features", "gate_distance", "classify_reference", "route_reference",
 ]
 
@@ -128,3 +128,16 @@ def route_reference(hidden: torch.Tensor, embeddings: torch.Tensor, attention_ma
                               pool_features(embeddings.float(), attention_mask, "mean"), head)
     ids = torch.where(task >= 0, task_to_adapter.long()[task.clamp(min=0)], -1).to(torch.int32)
     return ids, ids[:, None].expand(hidden.shape[0], hidden.shape[1])
+
+
+def attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                        scaling: float) -> torch.Tensor:
+    """Softmax attention with every key head repeated for its group of query heads (transformers'
+    ``repeat_kv``): ``query [B, H, Q, D]``, ``key``/``value`` ``[B, KVH, L, D]``, additive ``mask``
+    broadcastable to ``[B, 1, Q, L]``; returns ``[B, Q, H, D]``."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = query @ key.transpose(-1, -2) * scaling
+    if mask is not None:
+        scores = scores + mask
+    return (scores.softmax(-1) @ value).transpose(1, 2)
