@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import run_metadata, write_results
+from common import gemm_gflops, run_metadata, tiny_llama, write_results
 from switchcit import load_adapters
 from switchcit.ops import build_routing_plan, switch_route
 from switchcit.pipeline import SwitchModel
@@ -101,16 +101,6 @@ def measure(base_folder: str, layer: int, batch: int, seq_len: int, repeats: int
                                               + ms["routing plan alone"]) / routed}
 
 
-def gemm_gflops(size: int = 1024, repeats: int = 5) -> float:
-    """The machine's limit beside the timings: a big float32 GEMM's rate in this run."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
@@ -143,19 +133,6 @@ def main(argv=None) -> None:
     _, md = write_results(args.out, name, "Routing cost inside the routed prefill", meta, rows, header, table,
                           notes=__doc__)
     print(md.read_text())
-
-
-def tiny_llama(folder: Path) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from switchcit.pretrained import smollm2_135m_instruct
-
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(smollm2_135m_instruct()).save_pretrained(folder)
-    return folder
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What every benchmark report records about its run: device, date, versions, commit."""
+"""What every benchmark report records about its run (device, date, versions, commit), the machine's
+limits measured beside the timings, and the helpers the benchmark scripts share."""
 from __future__ import annotations
 
 import platform
@@ -127,3 +128,37 @@ def peft_mixed_batch_loop(x, lora_a, lora_b, adapter_ids, scaling):
         scale = scaling[adapter] if isinstance(scaling, torch.Tensor) else scaling
         result[indices] += F.linear(F.linear(x[indices], lora_a[adapter]), lora_b[adapter]) * scale
     return result
+
+
+def gemm_gflops(size: int = 1024, repeats: int = 5) -> float:
+    """The machine's limit beside the timings: a big float32 GEMM's rate in this run."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def tiny_llama(folder: Path) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer in ``folder``, for ``--smoke`` runs."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from switchcit.pretrained import smollm2_135m_instruct
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_135m_instruct()).save_pretrained(folder)
+    return folder
+
+
+def memory_gbps(megabytes: int = 256, repeats: int = 5) -> dict[str, float]:
+    """The machine's memory limits in this run, over buffers far larger than the caches (medians): a
+    copy's read + write GB/s and a sum's read GB/s."""
+    src = torch.randn(megabytes << 18)  # float32
+    dst = torch.empty_like(src)
+    copy = median_ms(lambda: dst.copy_(src), repeats)
+    read = median_ms(lambda: src.sum(), repeats)
+    return {"copy (read + write) GB/s": 2 * src.nbytes / copy / 1e6, "read (sum) GB/s": src.nbytes / read / 1e6}

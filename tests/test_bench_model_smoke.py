@@ -46,3 +46,23 @@ def test_switch_cost_benchmark_smoke(tmp_path):
         assert len(row["ms"]) == 4 and all(math.isfinite(ms) and ms > 0 for ms in row["ms"].values())
         assert math.isfinite(row["routing_percent"]) and 0 < row["switch_and_plan_percent"] < 100
     assert "routing / routed prefill" in (tmp_path / "switch-cost-smoke.md").read_text()
+
+
+def test_cpu_linear_and_decode_benchmark_smoke(tmp_path):
+    """bench_cpu.py's linear (tiny shapes, both methods checked against float64 first) and decode (tiny
+    Llama through the engine, kernel and F.linear steps alternating) runs write their reports."""
+    for op in ("linear", "decode"):
+        proc = subprocess.run(
+            [sys.executable, "benchmarks/bench_cpu.py", "--op", op, "--smoke", "--out", str(tmp_path)],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    linear = json.loads((tmp_path / "cpu-linear-smoke.json").read_text())["rows"]
+    assert [(row["layer"], row["rows"]) for row in linear] == [("small", 1), ("small", 5), ("ragged", 1), ("ragged", 5)]
+    for row in linear:
+        assert row["dispatch"] == "kernel"
+        assert all(row[w][m] > 0 for w in ("hot", "cold") for m in ("F.linear", "kernel", "speedup")), row
+    decode = json.loads((tmp_path / "cpu-decode-smoke.json").read_text())["rows"]
+    assert [row["sequences"] for row in decode] == [1, 2]
+    assert all(row["kernel"] > 0 and row["F.linear"] > 0 and row["steps per method"] == 1 for row in decode)
+    assert "decode step, kernel (ms)" in (tmp_path / "cpu-decode-smoke.md").read_text()
