@@ -1,9 +1,9 @@
 """A dense linear layer for decode-sized batches: ``linear(x, weight, bias)`` is ``F.linear`` (its
 plain reference, same contract), with the C++ kernel (``csrc/linear_cpu.cpp``) where it is faster.
 
-On CPU, MKL's sgemm is slow for the few rows of a decode step (x [M, H] with M ≤ ~64): the cost should
-be reading the weight once from memory, but MKL takes 2–4× that. The kernel streams each weight row
-once and sums every output element in an order fixed by H alone, so a row's result is bitwise the
+On CPU, MKL's sgemm is slow for the few rows of a decode step (x [M, H] with M ≤ ~64): far above both
+the time to read the weight once from memory and the arithmetic's (benchmarks/results/cpu-linear.md).
+The kernel streams each weight row once and sums every output element in an order fixed by H alone, so a row's result is bitwise the
 same alone or in any batch.
 
 It runs only where nothing could differ but the speed: CPU tensors of one dtype (float32 or bfloat16),
