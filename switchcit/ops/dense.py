@@ -3,8 +3,8 @@ plain reference, same contract), with the C++ kernel (``csrc/linear_cpu.cpp``) w
 
 On CPU, MKL's sgemm is slow for the few rows of a decode step (x [M, H] with M ≤ ~64): far above both
 the time to read the weight once from memory and the arithmetic's (benchmarks/results/cpu-linear.md).
-The kernel streams each weight row once and sums every output element in an order fixed by H alone, so a row's result is bitwise the
-same alone or in any batch.
+The kernel streams each weight row once and sums every output element in an order fixed by H alone, so
+a row's result is bitwise the same alone or in any batch.
 
 It runs only where nothing could differ but the speed: CPU tensors of one dtype (float32 or bfloat16),
 a contiguous weight [O, H], at most :data:`MAX_ROWS` rows, and grad mode off (``torch.no_grad`` /
