@@ -13,7 +13,7 @@ BASE=$($PY -c "from switchcit.pretrained import smollm2_135m_instruct; print(smo
 SETTINGS=(--base "$BASE"
   --tasks "$DATA/simplification,$DATA/explanation,$DATA/haiku,$DATA/covidfact"
   --methods switchcit,oracle,sequential,replay,multitask
-  --steps 8 --batch-size 8 --lr 1e-3 --eval-examples 200 --eval-ahead 1 --eval-batch-size 32 --max-new-tokens 48)
+  --steps 8 --batch-size 8 --lr 1e-3 --eval-examples 200 --eval-ahead 1 --eval-batch-size 32 --max-new-tokens 40)
 for seed in 0 1 2; do
   OMP_NUM_THREADS=1 $PY -m switchcit.cli train "${SETTINGS[@]}" --seed "$seed" --out "$RUN/seed-$seed" \
     > "$RUN.seed-$seed.log" 2>&1 &
