@@ -1,27 +1,29 @@
 """The generation engine: iteration-level (continuous) batching over a preallocated slot KV cache.
 
-Every :meth:`Engine.step` first admits waiting requests into free slots — one prefill forward for all
-of them, adapters mixed, the switch routing the ``auto`` ones inside it — then runs one decode forward
-for every live sequence. A sequence that finishes (a stop token, its ``max_tokens``, an abort) leaves
+Every :meth:`Engine.step` admits waiting requests into free slots, then runs **one forward** over a
+flattened batch of tokens ``[1, T]`` (:class:`~switchcit.ops.attention.SlotBatch`, as vLLM's steps):
+one decode token of every live sequence, then the prompt tokens of the admitted ones, adapters mixed
+per token, the switch routing the ``auto`` prompts inside it; each admitted prompt gets its first
+token from that forward. A sequence that finishes (a stop token, its ``max_tokens``, an abort) leaves
 at once: the last live slot moves into its place, so live sequences always fill slots ``0…n−1`` and
 each step's attention reads views of the cache, never copies of it.
 
-The cache (:class:`SlotCache`) is allocated once: per layer ``[max_num_seqs, max_model_len, kv_heads,
+The cache (:class:`SlotCache`) is allocated once: per layer ``[max_num_seqs, kv_heads, max_model_len,
 head_dim]`` keys and values; slot ``i`` holds its sequence's tokens at positions ``0…length−1``. Each
-forward gets an explicit 4-D attention mask (prefill: causal and the left padding; decode: each row
-its own length), so rows of any lengths share a step.
+token of a step attends to its own slot up to its own position, so sequences of any lengths share it.
 
-Routing: each live slot keeps its adapter id in a device tensor; a decode step assigns them to the
-model's :class:`~switchcit.modules.RoutingContext`, whose pre-hook builds the step's plan on the
-device. Sampling is per sequence (temperature, top-k, top-p) with the sequence's own generator, so a
-seeded request draws the same tokens whatever else shares its steps; greedy is ``temperature = 0``.
+Routing: each live slot keeps its adapter id in a device tensor; a step gives the model's
+:class:`~switchcit.modules.RoutingContext` one id per token, whose pre-hook builds the step's plan on
+the device. Sampling is per sequence (temperature, top-k, top-p) with the sequence's own generator, so
+a seeded request draws the same tokens whatever else shares its steps; greedy is ``temperature = 0``.
 
 The engine works on token ids. Text — detokenising, stop strings, streaming — is the caller's
 (:mod:`switchcit.serving.app`); :meth:`SwitchModel.generate_ids <switchcit.pipeline.SwitchModel.generate_ids>`
-runs it synchronously to completion. A prefill that raises is run again request by request, so a
-faulty request fails alone (finish reason ``"error"``, the exception in ``request.error``).
-Thread safety: :meth:`add`, :meth:`abort` and :meth:`call` may be called from any thread; everything
-else runs on the thread that calls :meth:`step` (the server's engine thread).
+runs it synchronously to completion. A step that raises runs again in parts — the live sequences'
+decode, then each prompt alone — so a faulty request fails alone (finish reason ``"error"``, the
+exception in ``request.error``). Thread safety: :meth:`add`, :meth:`abort` and :meth:`call` may be
+called from any thread; everything else runs on the thread that calls :meth:`step` (the server's
+engine thread).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from switchcit.modules import NO_ADAPTER
+from switchcit.ops.attention import SlotBatch
 from switchcit.prompts import content_mask, pad
 
 __all__ = ["Engine", "EngineRequest", "SamplingParams", "SlotCache", "kv_bytes_per_token"]
@@ -94,64 +97,52 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 class SlotCache(Cache):
-    """A transformers ``Cache`` over preallocated slots (see the module docstring). The engine says
-    before each forward where its rows go: :meth:`prefill_into` or :meth:`decode_at`.
+    """A transformers ``Cache`` over preallocated slots (see the module docstring). Before each
+    forward the engine says where the step's tokens go (:meth:`begin_step`); :meth:`update` writes
+    them there and returns the whole cache, which :func:`switchcit.ops.attention.slot_attention` reads.
 
-    Stored ``[slots, positions, kv_heads, head_dim]``: one token of one slot is one contiguous row of
-    the flat ``[slots × positions, kv_heads × head_dim]`` view, so writing a step's tokens is one
-    ``index_copy_``; attention reads ``[n, kv_heads, length, head_dim]`` views of it."""
+    Stored ``[slots, kv_heads, positions, head_dim]``, as attention reads it: ``[n, kv_heads, length,
+    head_dim]`` views whose rows are contiguous, which matrix products take without a copy. One head of
+    one token is one row of the flat ``[slots × kv_heads × positions, head_dim]`` view, so writing a
+    step's tokens is one ``index_copy_``."""
 
     def __init__(self, config, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
         super().__init__(layers=[])
-        shape = (num_slots, max_len, *kv_shape(config))
+        heads, head_dim = kv_shape(config)
+        shape = (num_slots, heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
-        self._write: Callable | None = None
+        self._targets: torch.Tensor | None = None
+        self._prefix: tuple[PrefixCache, torch.Tensor, Callable[[], torch.Tensor]] | None = None
 
-    def prefill_into(self, slots: torch.Tensor, pads: list[int], width: int, prefix: PrefixCache | None = None,
-                     entries: Callable[[], torch.Tensor] | None = None) -> None:
-        """The next forward is a prefill of left-padded rows (``pads[i]`` pad tokens of ``width``):
-        row ``i``'s tokens go to slot ``slots[i]`` at positions ``0…width−pads[i]−1``. With ``prefix``,
-        every row's prompt starts with its tokens and the rows hold only what follows: row ``i`` takes
-        the prefix's keys and values of entry ``entries()[i]`` (read at each layer: the adapter a
-        routed row gets is known from the switch's layer on) and its own tokens go after them."""
-        device = slots.device
-        skip = 0 if prefix is None else prefix.length
-        rows = torch.cat([torch.full((width - p,), i) for i, p in enumerate(pads)]).to(device)
-        source = torch.cat([torch.arange(p, width) for p in pads]).to(device)
-        target = slots[rows] * self.max_len + skip + source - torch.tensor(pads, device=device)[rows]
-
-        def write(layer: int, kind: int, cache: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-            cache.view(-1, *cache.shape[2:]).index_copy_(0, target, states.transpose(1, 2)[rows, source])
-            if prefix is None:
-                return states  # a prefill attends to its own tokens only
-            past = prefix.states[kind][layer].index_select(0, entries())  # [rows, P, kv_heads, head_dim]
-            cache[slots, :skip] = past
-            return torch.cat([past.transpose(1, 2), states], dim=2)
-
-        self._write = write
-
-    def decode_at(self, positions: torch.Tensor, kv_length: int) -> None:
-        """The next forward is a decode step of slots ``0…n−1``: row ``i``'s token goes to position
-        ``positions[i]``; attention reads positions ``0…kv_length−1`` of those slots."""
-        count = len(positions)
-        target = torch.arange(count, device=positions.device) * self.max_len + positions
-
-        def write(layer: int, kind: int, cache: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-            cache.view(-1, *cache.shape[2:]).index_copy_(0, target, states[:, :, 0])
-            return cache[:count, :kv_length].transpose(1, 2)
-
-        self._write = write
+    def begin_step(self, slots: torch.Tensor, positions: torch.Tensor,
+                   prefix: tuple[PrefixCache, torch.Tensor, Callable[[], torch.Tensor]] | None = None) -> None:
+        """The next forward's token ``t`` goes to slot ``slots[t]`` at position ``positions[t]``. With
+        ``prefix = (cache, prefix_slots, entries)``, those slots also get the prefix's keys and values
+        at positions ``0…P−1``, of entry ``entries()`` (read at each layer: the adapter a routed prompt
+        gets is known from the switch's layer on)."""
+        heads = self.keys[0].shape[1]
+        rows = (slots[:, None] * heads + torch.arange(heads, device=slots.device)) * self.max_len + positions[:, None]
+        self._targets = rows.reshape(-1)  # [T × kv_heads]: token-major, as the states' rows below
+        self._prefix = prefix
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         return (self._write(layer_idx, 0, self.keys[layer_idx], key_states),
                 self._write(layer_idx, 1, self.values[layer_idx], value_states))
 
+    def _write(self, layer: int, kind: int, cache: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        rows = states[0].transpose(0, 1).reshape(-1, cache.shape[-1])  # [1, KVH, T, D] → [T × KVH, D]
+        cache.view(-1, cache.shape[-1]).index_copy_(0, self._targets, rows)
+        if self._prefix is not None:
+            prefix, slots, entries = self._prefix
+            cache[:, :, : prefix.length].index_copy_(0, slots, prefix.states[kind][layer].index_select(0, entries()))
+        return cache
+
     def move(self, source: int, target: int, length: int) -> None:
         """Slot ``source``'s first ``length`` positions into slot ``target``."""
         for cache in itertools.chain(self.keys, self.values):
-            cache[target, :length] = cache[source, :length]
+            cache[target, :, :length] = cache[source, :, :length]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         raise NotImplementedError("the engine passes position ids and a 4-D mask to every forward")
@@ -161,7 +152,7 @@ class SlotCache(Cache):
 class PrefixCache:
     """Keys and values of a prompt prefix that many prompts share (a chat template's head: its default
     system prompt and the user turn's opening), one entry per adapter id + 1 (entry 0: the base
-    model): ``states[0 | 1][layer]`` ``[entries, length, kv_heads, head_dim]``, keys and values."""
+    model): ``states[0 | 1][layer]`` ``[entries, kv_heads, length, head_dim]``, keys and values."""
 
     tokens: tuple[int, ...]
     states: tuple[list[torch.Tensor], list[torch.Tensor]]
@@ -182,9 +173,7 @@ class PrefixCache:
         past = DynamicCache()
         model.network(input_ids=input_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
         model.context.assign(None)
-        layers = [(layer.keys, layer.values) for layer in past.layers]
-        return cls(tuple(tokens), ([k.transpose(1, 2).contiguous() for k, _ in layers],
-                                   [v.transpose(1, 2).contiguous() for _, v in layers]))
+        return cls(tuple(tokens), ([layer.keys for layer in past.layers], [layer.values for layer in past.layers]))
 
 
 
@@ -274,19 +263,13 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Pending calls, then admission + one prefill, then one decode step of every live sequence."""
+        """Pending calls, then admission, then one forward: a decode token of every live sequence and
+        the prompts of the admitted ones (their first token comes from it)."""
         self._run_calls()
         self._drop_aborted()
         admitted = self._admit()
-        with_prefix = [r for r in admitted if starts_with(r, self.prefix_ids)]
-        for group, use_prefix in ((with_prefix, True), ([r for r in admitted if r not in with_prefix], False)):
-            if group:
-                self._prefill_isolating_failures(group, use_prefix)
-        if self.running:  # the admitted ones too: their second token comes in this step
-            try:
-                self._decode()
-            except Exception as error:  # noqa: BLE001 — no request can be blamed: every live one fails
-                self._fail(list(self.running), error)
+        if self.running or admitted:
+            self._forward_isolating_failures(admitted)
         self._drop_aborted()
 
     def run_until_done(self) -> None:
@@ -319,15 +302,26 @@ class Engine:
                 tokens += len(request.prompt_ids)
         return admitted
 
-    def _prefill_isolating_failures(self, admitted: list[EngineRequest], use_prefix: bool) -> None:
+    def _forward_isolating_failures(self, admitted: list[EngineRequest]) -> None:
+        """A step that raises runs again in parts — the live sequences' decode, then each prompt alone —
+        so that a faulty request fails alone; if the decode raises, every live sequence fails."""
         try:
-            self._prefill(admitted, use_prefix)
+            self._forward(admitted)
+            return
         except Exception as error:  # noqa: BLE001 — the requests get it
-            if len(admitted) == 1:
-                self._fail(admitted, error)
+            if len(admitted) + bool(self.running) == 1:
+                self._fail([*self.running, *admitted], error)
                 return
-            for request in admitted:
-                self._prefill_isolating_failures([request], use_prefix)
+        if self.running:
+            try:
+                self._forward([])
+            except Exception as error:  # noqa: BLE001 — no live request can be blamed: they all fail
+                self._fail(list(self.running), error)
+        for request in admitted:
+            try:
+                self._forward([request], decode=False)
+            except Exception as error:  # noqa: BLE001
+                self._fail([request], error)
 
     def _fail(self, requests: list[EngineRequest], error: BaseException) -> None:
         self._remove([r for r in requests if r in self.running])
@@ -335,61 +329,87 @@ class Engine:
             request.error = error
             request.emit([], FINISH_ERROR, NO_ADAPTER)
 
-    def _prefill(self, admitted: list[EngineRequest], use_prefix: bool) -> None:
-        """One forward over the prompts of ``admitted`` (``use_prefix``: they all start with
-        ``prefix_ids``, whose keys and values are copied, not computed: the forward is over the rest)."""
+    def _forward(self, admitted: list[EngineRequest], decode: bool = True) -> None:
+        """One forward (:class:`~switchcit.ops.attention.SlotBatch`): a decode token of every live
+        sequence (unless not ``decode``), then the prompts of ``admitted`` into the next free slots — of
+        those that start with ``prefix_ids``, the part after it (its keys and values are copied, not
+        computed). The engine's state changes only once the forward has returned."""
         model, device = self.model, self.device
-        prefix = None
-        if use_prefix:
-            if self._prefix is None:
-                self._prefix = PrefixCache.compute(model, self.prefix_ids)
-            prefix = self._prefix
-        skip = 0 if prefix is None else prefix.length
-        rows = [r.prompt_ids[skip:] for r in admitted]
-        input_ids, mask2d = pad(rows, model.tokenizer.pad_token_id, device=device)
-        width = input_ids.shape[1]
-        spans = [(start - skip, end - skip) for start, end in (r.span or (0, len(r.prompt_ids)) for r in admitted)]
-        content = content_mask([len(row) for row in rows], spans, width, device=device)
-        explicit = torch.tensor([r.adapter for r in admitted], dtype=torch.int64, device=device)
-        routed = torch.tensor([r.routed for r in admitted], device=device)
-        if any(r.routed for r in admitted):
-            model._require_switch()
-            if not model.one_pass:  # adapters below the switch layer: an encoder pass routes first
-                explicit = torch.where(routed, model.route_ids(input_ids, mask2d, content), explicit)
-                routed = None
-        else:
-            routed = None
-        first = len(self.running)
-        slots = torch.arange(first, first + len(admitted), device=device)
-        self.cache.prefill_into(slots, [width - len(row) for row in rows], width, prefix,
-                                lambda: model.context.sequence_ids + 1)  # entry 0: the base model
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        allowed = causal[None, None] & mask2d.bool()[:, None, None, :]
-        if skip:  # every row's tokens see the whole prefix
-            allowed = torch.cat([allowed.new_ones(len(rows), 1, width, skip), allowed], dim=-1)
-        positions = skip + (mask2d.cumsum(-1) - 1).clamp(min=0)
-        logits = model.routed_forward(input_ids, self._additive(allowed), content, explicit, routed,
-                                      position_ids=positions, past_key_values=self.cache, use_cache=True,
-                                      logits_to_keep=1)[:, -1]
-        used = model.context.sequence_ids.to(torch.int32)
-        self._adapters[first : first + len(admitted)] = used
+        decoding = list(self.running) if decode else []
+        count, first = len(decoding), len(self.running)  # decode tokens: slots 0…count−1; prompts: first…
+        prefix = self._prefix_cache(admitted)
+        starts = [prefix.length if prefix is not None and starts_with(r, prefix.tokens) else 0 for r in admitted]
+        computed = [(start, len(r.prompt_ids)) for r, start in zip(admitted, starts)]  # each prompt's positions
+        adapters, routed = self._adapters_before_forward(admitted)
+        slots, positions, input_ids, token_adapters = list(range(count)), self.lengths[:count], [], []
+        for slot, request, adapter, (start, end) in zip(itertools.count(first), admitted, adapters, computed):
+            slots += [slot] * (end - start)
+            positions += range(start, end)
+            input_ids += request.prompt_ids[start:]
+            token_adapters += [adapter] * (end - start)
+        batch = SlotBatch.build(self.lengths[:count], computed, first, self.dtype, device)
+        offsets = list(itertools.accumulate((end - start for start, end in computed), initial=count))  # first tokens
+        last_tokens = torch.tensor([*range(count), *(offset - 1 for offset in offsets[1:])], device=device)
+        prefixed = [i for i, start in enumerate(starts) if start]
+        prefix_copy = None
+        if prefixed:
+            first_tokens = torch.tensor([offsets[i] for i in prefixed], device=device)
+            prefix_copy = (prefix, torch.tensor([first + i for i in prefixed], device=device),
+                           lambda: model.context.sequence_ids.index_select(0, first_tokens) + 1)  # entry 0: base
+        position_ids = torch.tensor(positions, device=device)
+        self.cache.begin_step(torch.tensor(slots, device=device), position_ids, prefix_copy)
+        content = self._switch_content(admitted, starts, batch.prompts.width) if any(routed) else None
+        token_adapters = torch.cat([self._adapters[:count].long(), torch.tensor(token_adapters, dtype=torch.long,
+                                                                                     device=device)])
+        input_ids = torch.cat([self._last_tokens[:count], torch.tensor(input_ids, dtype=torch.long, device=device)])
+        logits = model.routed_forward(input_ids[None], batch.token_mask, content, token_adapters,
+                                      torch.tensor(routed, device=device) if content is not None else None,
+                                      position_ids=position_ids[None], per_token=True, rows=batch.prompts,
+                                      past_key_values=self.cache, use_cache=True, logits_to_keep=last_tokens,
+                                      slot_batch=batch)[0]
+        used = model.context.sequence_ids.index_select(0, last_tokens).to(torch.int32)
+        tokens = self._sample(logits, decoding + admitted)
+        # the forward is done: the step's state changes
+        self.lengths[:count] = [length + 1 for length in self.lengths[:count]]
+        self._adapters[first : first + len(admitted)] = used[count:]
         self.running += admitted
         self.lengths += [len(r.prompt_ids) for r in admitted]
-        self._emit(admitted, first, self._sample(logits, admitted), used.tolist())
+        self._emit(decoding + admitted, 0 if decoding else first, tokens, used.tolist())
 
-    def _decode(self) -> None:
-        count = len(self.running)
-        positions = torch.tensor(self.lengths, device=self.device)
-        kv_length = max(self.lengths) + 1
-        allowed = torch.arange(kv_length, device=self.device)[None] <= positions[:, None]
-        self.cache.decode_at(positions, kv_length)
-        self.model.context.assign(self._adapters[:count], checked=True)  # no host read per step
-        logits = self.model.network(input_ids=self._last_tokens[:count, None],
-                                    attention_mask=self._additive(allowed[:, None, None, :]),
-                                    position_ids=positions[:, None], past_key_values=self.cache, use_cache=True,
-                                    logits_to_keep=1).logits[:, -1]
-        self.lengths = [length + 1 for length in self.lengths]
-        self._emit(list(self.running), 0, self._sample(logits, self.running), self._adapters[:count].tolist())
+    def _prefix_cache(self, admitted: list[EngineRequest]) -> PrefixCache | None:
+        """The prefix's keys and values, computed at the first step that admits a prompt starting with it."""
+        if self._prefix is None and any(starts_with(r, self.prefix_ids) for r in admitted):
+            self._prefix = PrefixCache.compute(self.model, self.prefix_ids)
+        return self._prefix
+
+    def _adapters_before_forward(self, admitted: list[EngineRequest]) -> tuple[list[int], list[bool]]:
+        """Each prompt's adapter id and whether the switch picks it inside the forward. A bank with
+        adapters below the switch's layer cannot: an encoder pass over the routed prompts picks first."""
+        adapters, routed = [r.adapter for r in admitted], [r.routed for r in admitted]
+        if any(routed):
+            self.model._require_switch()
+            if not self.model.one_pass:
+                chosen = iter(self._route(r for r in admitted if r.routed))
+                adapters = [next(chosen) if is_routed else a for a, is_routed in zip(adapters, routed)]
+                return adapters, [False] * len(routed)
+        return adapters, routed
+
+    def _route(self, requests) -> list[int]:
+        """The switch's adapter id for each of ``requests``, from an encoder pass (left-padded prompts)."""
+        requests = list(requests)
+        input_ids, mask = pad([r.prompt_ids for r in requests], self.model.tokenizer.pad_token_id, device=self.device)
+        spans = [r.span or (0, len(r.prompt_ids)) for r in requests]
+        content = content_mask([len(r.prompt_ids) for r in requests], spans, input_ids.shape[1], device=self.device)
+        return self.model.route_ids(input_ids, mask, content).tolist()
+
+    def _switch_content(self, admitted: list[EngineRequest], starts: list[int], width: int) -> torch.Tensor:
+        """``[k, W]``: the cells of the prompts' rows that the switch reads (their spans; a row starts at
+        position ``starts[i]``)."""
+        content = torch.zeros(len(admitted), width, dtype=torch.bool)
+        for row, (request, start) in enumerate(zip(admitted, starts)):
+            begin, end = request.span or (0, len(request.prompt_ids))
+            content[row, begin - start : end - start] = True
+        return content.to(self.device)
 
     def _emit(self, requests: list[EngineRequest], first: int, tokens: torch.Tensor, adapters: list[int]) -> None:
         """Record each request's new token; finished ones leave."""
@@ -434,11 +454,6 @@ class Engine:
             if not request.params.greedy:
                 tokens[row] = sample_token(logits[row], request.params, request.generator)
         return tokens
-
-    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        """A boolean attention mask as the additive float mask every attention implementation takes."""
-        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
-            ~allowed, torch.finfo(self.dtype).min)
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:

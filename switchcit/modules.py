@@ -42,6 +42,7 @@ class RoutingContext:
     def __init__(self, names: Sequence[str] = ()):
         self.names: list[str | None] = []  # None marks a removed adapter
         self.sequence_ids: torch.Tensor | None = None  # int [B]: the assigned adapter of each sequence
+        self._per_token = False  # sequence_ids holds one id per token instead (assign(tokens=True))
         self._plan: RoutingPlan | None = None
         for name in names:
             self.add(name)
@@ -88,32 +89,36 @@ class RoutingContext:
         return torch.tensor([NO_ADAPTER if n is None else self.id_of(n) for n in names], dtype=torch.int64,
                             device=device)
 
-    def assign(self, sequence_ids: torch.Tensor | None, *, checked: bool = False) -> None:
+    def assign(self, sequence_ids: torch.Tensor | None, *, checked: bool = False, tokens: bool = False) -> None:
         """One adapter id per sequence (−1: base model) for the following forwards; ``None``: none
-        assigned (bank layers then run the base model). The ids' values are checked here, once, not in
-        every forward (on CUDA a check is a host sync); ``checked``: the caller's own valid ids (the
-        engine's, every decode step), not read at all."""
+        assigned (bank layers then run the base model); ``tokens``: one id per token of the next forward
+        instead (a flattened batch: the engine's steps). The ids' values are checked here, once, not in
+        every forward (on CUDA a check is a host sync); ``checked``: the caller's own valid ids, not read."""
         if sequence_ids is not None:
             if not isinstance(sequence_ids, torch.Tensor) or sequence_ids.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"adapter ids must be an int32 or int64 tensor, got {sequence_ids!r:.60}")
             if not checked:
                 check_adapter_ids(sequence_ids, self.num_adapters)
             sequence_ids = sequence_ids.reshape(-1)
-        self.sequence_ids, self._plan = sequence_ids, None
+        self.sequence_ids, self._plan, self._per_token = sequence_ids, None, tokens
 
     def begin_forward(self, input_shape: Sequence[int], device: torch.device) -> None:
-        """The plan of a forward over tokens ``input_shape`` ([B, S]) from the assigned sequence ids —
-        built once here, before any layer runs. ``B`` may be k × the assigned sequences (beam search,
+        """The plan of a forward over tokens ``input_shape`` ([B, S]) from the assigned ids — built once
+        here, before any layer runs. ``B`` may be k × the assigned sequences (beam search,
         ``num_return_sequences``)."""
         ids = self.sequence_ids
         if ids is None:
             self._plan = None
             return
-        batch, sequences = input_shape[0], ids.numel()
+        batch, sequences, tokens = input_shape[0], ids.numel(), math.prod(input_shape)
+        if self._per_token:
+            if sequences != tokens:
+                raise ValueError(f"{sequences} adapter ids for a forward of {tokens} tokens")
+            self.route_tokens(ids.to(device), validate=False)  # checked in assign
+            return
         if sequences == 0 or batch % sequences:
             raise ValueError(f"{sequences} routed sequences do not fit a batch of {batch}")
-        tokens_per_sequence = (batch // sequences) * math.prod(input_shape[1:])
-        self.route_tokens(ids.to(device).repeat_interleave(tokens_per_sequence), validate=False)  # checked in assign
+        self.route_tokens(ids.to(device).repeat_interleave(tokens // sequences), validate=False)
 
     def route_tokens(self, token_ids: torch.Tensor, sequence_ids: torch.Tensor | None = None, *,
                      validate: bool = True) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from switchcit.modules import NO_ADAPTER, MultiLoraLinear, accelerate_linear
 from switchcit.ops import switch_route
-from switchcit.ops.attention import accelerate_attention
+from switchcit.ops.attention import PromptRows, accelerate_attention
 from switchcit.prompts import content_mask, pad, prompt_tokens, template_head
 from switchcit.switch import Switch, decoder_layers
 
@@ -127,7 +127,7 @@ class SwitchModel:
         switch's layer (every token on the base model)."""
         self._require_switch()
         self.context.assign(torch.full((len(input_ids),), NO_ADAPTER, device=input_ids.device))  # base only
-        self._routing = {"content": content, "routed": None, "explicit": None}
+        self._routing = {"content": content, "routed": None, "explicit": None, "rows": None}
         try:
             self.network(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=_positions(attention_mask), use_cache=False)
@@ -164,18 +164,23 @@ class SwitchModel:
         routing = self._routing
         if routing is None:
             return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        sequence_ids, token_ids = switch_route(hidden, self._embeddings, routing["content"],
+        hidden, embeddings, rows = args[0] if args else kwargs["hidden_states"], self._embeddings, routing["rows"]
+        if rows is not None:  # a flattened step: the switch reads its prompts as rows
+            hidden, embeddings = rows.gather(hidden[0]), rows.gather(embeddings[0])
+        sequence_ids, token_ids = switch_route(hidden, embeddings, routing["content"],
                                                *self._switch_tensors(hidden.device), self.switch.pool)
         self._embeddings = None
         if routing["routed"] is None:  # an encoder pass: stop here
             routing["sequence_ids"] = sequence_ids
             raise _Routed
-        keep = routing["routed"]  # requests that named their adapter keep it
-        sequence_ids = torch.where(keep, sequence_ids, routing["explicit"].to(torch.int32))
-        token_ids = torch.where(keep[:, None], token_ids, routing["explicit"][:, None].to(torch.int32))
+        keep, explicit = routing["routed"], routing["explicit"].to(torch.int32)  # named adapters stay
+        if rows is not None:
+            token_ids = rows.scatter(torch.where(keep[:, None], token_ids, rows.gather(explicit)), explicit)
+            sequence_ids = token_ids  # one id per token
+        else:
+            sequence_ids = torch.where(keep, sequence_ids, explicit)
+            token_ids = torch.where(keep[:, None], token_ids, explicit[:, None])
         self.context.route_tokens(token_ids, sequence_ids, validate=False)  # the switch's table holds valid ids
-        routing["sequence_ids"] = sequence_ids
 
     # ------------------------------------------------------------------ generation
 
@@ -249,17 +254,22 @@ class SwitchModel:
             raise failed
         return [r.output for r in requests], torch.tensor(used, dtype=torch.int32, device=device)
 
-    def routed_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, content: torch.Tensor,
+    def routed_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, content: torch.Tensor | None,
                        adapter_ids: torch.Tensor, routed: torch.Tensor | None = None,
-                       position_ids: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
-        """The logits of one forward over a left-padded batch, routed: ``adapter_ids [B]`` (−1: base
-        model), the switch's choice where ``routed [B]`` is true (read at its layer inside this forward;
-        ``content``: each prompt's own tokens). No host sync, so it can be captured in a CUDA graph; the
-        adapters it used stay assigned for the decode steps that follow. ``position_ids``: by default from
-        ``attention_mask``'s left padding (give them with a 4-D mask)."""
-        self.context.assign(adapter_ids)
+                       position_ids: torch.Tensor | None = None, per_token: bool = False,
+                       rows: PromptRows | None = None, **model_kwargs) -> torch.Tensor:
+        """The logits of one forward, routed: ``adapter_ids`` (−1: base model), the switch's choice where
+        ``routed [B]`` is true (read at its layer inside this forward; ``content``: each prompt's own
+        tokens). No host sync, so it can be captured in a CUDA graph; the adapters it used stay assigned
+        for the forwards that follow.
+
+        A left-padded batch ``[B, S]``: one adapter id per sequence, ``content [B, S]``; ``position_ids``
+        by default from ``attention_mask``'s left padding (give them with a 4-D mask). A flattened step
+        ``[1, T]`` (the engine's), ``per_token``: ``adapter_ids [T]`` has one id per token; ``rows`` lays out
+        its prompts, ``routed [k]`` and ``content [k, W]`` are per prompt and per cell of its row."""
+        self.context.assign(adapter_ids, tokens=per_token)
         if routed is not None:
-            self._routing = {"content": content, "routed": routed, "explicit": adapter_ids}
+            self._routing = {"content": content, "routed": routed, "explicit": adapter_ids, "rows": rows}
         try:
             if position_ids is None:
                 position_ids = _positions(attention_mask)

@@ -102,8 +102,8 @@ def test_a_shared_prefix_is_prefilled_once_per_adapter_and_changes_no_answer(mod
     assert shared == plain
     entries = model.context.num_adapters + 1
     assert shared_widths.count((entries, len(head))) == 1, "the prefix once, for every adapter and the base model"
-    prefill_widths = [shape[1] for shape in shared_widths if shape[1] > 1 and shape != (entries, len(head))]
-    assert max(prefill_widths) == max(shape[1] for shape in plain_widths) - len(head), "no prefix token prefilled"
+    steps = [shape[1] for shape in shared_widths if shape != (entries, len(head))]  # flattened steps [1, T]
+    assert sum(steps) == sum(shape[1] for shape in plain_widths) - len(prompts) * len(head), "no prefix token computed"
     lora_b = next(p for n, p in model.model.named_parameters() if "lora_b" in n.lower())
     saved = lora_b.detach().clone()
 

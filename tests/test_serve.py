@@ -331,15 +331,18 @@ class EngineGate:
 
 
 def test_a_request_that_fails_at_run_time_fails_alone(run_dir):
-    """A prefill that raises runs again request by request: only the faulty request gets an error
+    """A step that raises runs again in parts, each prompt alone: only the faulty request gets an error
     (500, OpenAI's shape); the others that joined with it are answered."""
     model = SwitchModel.from_run(run_dir)
     poison = model.tokenizer("poison")["input_ids"]  # a completion's prompt is tokenised as it is
     forward, batch_sizes = model.routed_forward, []
 
     def failing_for_poison(input_ids, *args, **kwargs):
-        batch_sizes.append(len(input_ids))
-        if any(row[-len(poison):] == poison for row in input_ids.tolist()):
+        prompts = kwargs["slot_batch"].prompts  # a step: input_ids [1, T] holds its prompts' tokens
+        if prompts is not None:
+            batch_sizes.append(prompts.num_rows)
+        tokens = input_ids[0].tolist()
+        if any(tokens[i : i + len(poison)] == poison for i in range(len(tokens))):
             raise RuntimeError("injected failure")
         return forward(input_ids, *args, **kwargs)
 
@@ -358,7 +361,7 @@ def test_a_request_that_fails_at_run_time_fails_alone(run_dir):
     assert [r.status_code for r in results] == [500, 200, 200, 200], [r.text for r in results]
     error = results[0].json()["error"]
     assert error["type"] == "server_error" and "injected failure" in error["message"]
-    assert batch_sizes == [4, 1, 1, 1, 1], "one prefill, then each request alone"
+    assert batch_sizes == [4, 1, 1, 1, 1], "one step with the four prompts, then each prompt alone"
 
 
 def test_a_body_over_the_limit_gets_413_before_it_is_read(run_dir):
@@ -564,7 +567,8 @@ def test_serve_refuses_a_missing_run_and_impossible_limits_in_one_line(run_dir, 
     from switchcit import cli
 
     for argv in (["serve", str(run_dir / "nowhere")], ["serve", str(run_dir), "--max-model-len", "100000"],
-                 ["serve", str(run_dir), "--max-num-seqs", "4", "--kv-cache-memory-bytes", "1000"]):
+                 ["serve", str(run_dir), "--max-num-seqs", "4", "--kv-cache-memory-bytes", "1000"],
+                 ["serve", str(run_dir), "--threads", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv)
         assert exit_info.value.code == 2

@@ -605,8 +605,17 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds requests may still run after shutdown starts (default 30)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    p.add_argument("--threads", type=int, default=default_threads(),
+                   help="CPU threads of the model's ops (default: the cores less one, here %(default)s, which the "
+                        "HTTP server and its clients keep, as vLLM's CPU backend does)")
     add_body_limit_argument(p)
     p.set_defaults(run=_serve)
+
+
+def default_threads() -> int:
+    """The cores torch uses less one, at least one: an op waits for all its threads, so one that the
+    event loop or a client preempts stalls the whole step (benchmarks/results/serve-cpu.md)."""
+    return max(1, torch.get_num_threads() - 1)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -630,6 +639,8 @@ def _serve(args: argparse.Namespace) -> None:
     from switchcit.cli import command_error
 
     try:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
         model = SwitchModel.from_run(args.run_dir, device=args.device, dtype=getattr(torch, args.dtype))
         app = create_app(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                          kv_cache_memory_bytes=args.kv_cache_memory_bytes,
@@ -637,5 +648,6 @@ def _serve(args: argparse.Namespace) -> None:
                          drain_timeout_s=args.drain_timeout, max_body_bytes=args.max_body_bytes, api_key=args.api_key)
     except (ValueError, OSError, RuntimeError) as error:
         command_error("serve", error)
+    torch.set_num_threads(args.threads)
     make_server(app, args.host, args.port).run()
 
