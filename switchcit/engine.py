@@ -188,7 +188,7 @@ class Engine:
     """Continuous batching for a :class:`~switchcit.pipeline.SwitchModel` (see the module docstring).
 
     ``max_num_seqs``: live sequences (cache slots); ``max_model_len``: prompt + answer tokens of one
-    sequence; ``max_num_batched_tokens``: prompt tokens one prefill takes (the first waiting request is
+    sequence; ``max_num_batched_tokens``: prompt tokens one step takes (the first waiting request is
     always admitted); ``stop_ids``: the tokens that end an answer (default: the model's);
     ``prefix_ids``: a prefix many prompts start with (a chat template's head, see
     :func:`switchcit.prompts.template_head`), prefilled once per adapter and copied into the slots of
@@ -261,16 +261,17 @@ class Engine:
 
     # ------------------------------------------------------------------ engine thread
 
-    @torch.no_grad()
     def step(self) -> None:
         """Pending calls, then admission, then one forward: a decode token of every live sequence and
         the prompts of the admitted ones (their first token comes from it)."""
-        self._run_calls()
-        self._drop_aborted()
-        admitted = self._admit()
-        if self.running or admitted:
-            self._forward_isolating_failures(admitted)
-        self._drop_aborted()
+        with torch.no_grad():
+            self._run_calls()  # model changes (adapters, the switch): not under inference mode
+        with torch.inference_mode():  # less bookkeeping per op than no_grad: ~5 % of a CPU decode step
+            self._drop_aborted()
+            admitted = self._admit()
+            if self.running or admitted:
+                self._forward_isolating_failures(admitted)
+            self._drop_aborted()
 
     def run_until_done(self) -> None:
         while self.has_work:

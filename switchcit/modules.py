@@ -4,8 +4,9 @@ A model holds one :class:`RoutingContext`. Inside the library an adapter is an i
 (:data:`NO_ADAPTER`) is the only "no adapter"; names exist at the edges. The routing of a forward is
 written by one owner before the layers run, and layers only read ``context.plan``:
 
-* :meth:`RoutingContext.assign` sets one adapter id per sequence for the following forwards (the
-  pipeline does it once per ``generate``; ``switchcit.set_adapters`` for hand-written loops);
+* :meth:`RoutingContext.assign` sets one adapter id per sequence for the following forwards
+  (``switchcit.set_adapters`` for hand-written loops), or one per token of the next forward (the
+  engine's steps, a flattened batch of tokens);
 * :meth:`RoutingContext.begin_forward` turns that into the forward's :class:`RoutingPlan` — called
   by a pre-hook on the model's input embeddings, so it runs once per forward, before any layer;
 * :meth:`RoutingContext.route_tokens` replaces the plan in the middle of a forward: the switch reads

@@ -600,7 +600,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-memory-bytes", type=int, default=DEFAULT_KV_CACHE_BYTES,
                    help=f"KV cache size, allocated at start (default {DEFAULT_KV_CACHE_BYTES})")
     p.add_argument("--max-num-batched-tokens", type=int, default=4096,
-                   help="prompt tokens one prefill takes (default 4096)")
+                   help="prompt tokens one step takes (default 4096)")
     p.add_argument("--max-queue", type=int, default=1024, help="requests waiting beyond this get 429 (default 1024)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds requests may still run after shutdown starts (default 30)")
