@@ -21,7 +21,8 @@ ready when ``GET /health`` answers 200, stopped with SIGTERM to its process grou
 Every server gets the same ``--max-num-seqs``, ``--max-model-len`` and ``--kv-cache-memory-bytes`` and
 computes in float32 on the CPU. vLLM's own environment (``VLLM_CPU_OMP_THREADS_BIND``,
 ``VLLM_CPU_NUM_OF_RESERVED_CPU``, …) passes through and is recorded: by default it binds its compute
-threads to all cores but one, which it leaves to its API server.
+threads to all cores but one, which it leaves to its API server; ``switchcit serve`` does the same by default
+(``--threads``: the cores less one).
 
 Workloads, the same requests for every row: ``poisson``: ``--requests`` chat requests arriving as a Poisson
 process of ``--rate`` requests/s (seeded), each sent at its arrival time; ``burst``: ``--burst`` requests
