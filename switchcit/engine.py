@@ -222,11 +222,14 @@ class Engine:
     # ------------------------------------------------------------------ any thread
 
     def add(self, request: EngineRequest) -> None:
-        """Queue ``request`` (it fits ``max_model_len``: checked here, before any model work)."""
+        """Queue ``request`` (it fits ``max_model_len`` and its adapter id is the model's: checked here,
+        before any model work, so that steps never read ids back from the device)."""
         total = len(request.prompt_ids) + request.params.max_tokens
         if not request.prompt_ids or total > self.max_model_len:
             raise ValueError(f"the prompt ({len(request.prompt_ids)} tokens) and max_tokens "
                              f"({request.params.max_tokens}) exceed this engine's {self.max_model_len} tokens")
+        if not NO_ADAPTER <= request.adapter < self.model.context.num_adapters:
+            raise ValueError(f"adapter id {request.adapter} is outside [-1, {self.model.context.num_adapters})")
         seed = request.params.seed if request.params.seed is not None else next(self._seeds)
         request.generator = torch.Generator(device=self.device).manual_seed(seed)
         with self._lock:
@@ -342,10 +345,8 @@ class Engine:
         starts = [prefix.length if prefix is not None and starts_with(r, prefix.tokens) else 0 for r in admitted]
         computed = [(start, len(r.prompt_ids)) for r, start in zip(admitted, starts)]  # each prompt's positions
         adapters, routed = self._adapters_before_forward(admitted)
-        slots, positions, input_ids, token_adapters = list(range(count)), self.lengths[:count], [], []
-        for slot, request, adapter, (start, end) in zip(itertools.count(first), admitted, adapters, computed):
-            slots += [slot] * (end - start)
-            positions += range(start, end)
+        input_ids, token_adapters = [], []
+        for request, adapter, (start, end) in zip(admitted, adapters, computed):
             input_ids += request.prompt_ids[start:]
             token_adapters += [adapter] * (end - start)
         batch = SlotBatch.build(self.lengths[:count], computed, first, self.dtype, device)
@@ -357,15 +358,15 @@ class Engine:
             first_tokens = torch.tensor([offsets[i] for i in prefixed], device=device)
             prefix_copy = (prefix, torch.tensor([first + i for i in prefixed], device=device),
                            lambda: model.context.sequence_ids.index_select(0, first_tokens) + 1)  # entry 0: base
-        position_ids = torch.tensor(positions, device=device)
-        self.cache.begin_step(torch.tensor(slots, device=device), position_ids, prefix_copy)
+        self.cache.begin_step(batch.slots, batch.positions, prefix_copy)
         content = self._switch_content(admitted, starts, batch.prompts.width) if any(routed) else None
         token_adapters = torch.cat([self._adapters[:count].long(), torch.tensor(token_adapters, dtype=torch.long,
                                                                                      device=device)])
         input_ids = torch.cat([self._last_tokens[:count], torch.tensor(input_ids, dtype=torch.long, device=device)])
         logits = model.routed_forward(input_ids[None], batch.token_mask, content, token_adapters,
                                       torch.tensor(routed, device=device) if content is not None else None,
-                                      position_ids=position_ids[None], per_token=True, rows=batch.prompts,
+                                      position_ids=batch.positions[None], per_token=True, checked=True,
+                                      rows=batch.prompts,
                                       past_key_values=self.cache, use_cache=True, logits_to_keep=last_tokens,
                                       slot_batch=batch)[0]
         used = model.context.sequence_ids.index_select(0, last_tokens).to(torch.int32)

@@ -256,7 +256,7 @@ class SwitchModel:
 
     def routed_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, content: torch.Tensor | None,
                        adapter_ids: torch.Tensor, routed: torch.Tensor | None = None,
-                       position_ids: torch.Tensor | None = None, per_token: bool = False,
+                       position_ids: torch.Tensor | None = None, per_token: bool = False, checked: bool = False,
                        rows: PromptRows | None = None, **model_kwargs) -> torch.Tensor:
         """The logits of one forward, routed: ``adapter_ids`` (−1: base model), the switch's choice where
         ``routed [B]`` is true (read at its layer inside this forward; ``content``: each prompt's own
@@ -266,8 +266,9 @@ class SwitchModel:
         A left-padded batch ``[B, S]``: one adapter id per sequence, ``content [B, S]``; ``position_ids``
         by default from ``attention_mask``'s left padding (give them with a 4-D mask). A flattened step
         ``[1, T]`` (the engine's), ``per_token``: ``adapter_ids [T]`` has one id per token; ``rows`` lays out
-        its prompts, ``routed [k]`` and ``content [k, W]`` are per prompt and per cell of its row."""
-        self.context.assign(adapter_ids, tokens=per_token)
+        its prompts, ``routed [k]`` and ``content [k, W]`` are per prompt and per cell of its row.
+        ``checked``: ``adapter_ids`` are the caller's own valid ids, not read back (no host sync on CUDA)."""
+        self.context.assign(adapter_ids, checked=checked, tokens=per_token)
         if routed is not None:
             self._routing = {"content": content, "routed": routed, "explicit": adapter_ids, "rows": rows}
         try:

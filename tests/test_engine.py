@@ -147,6 +147,10 @@ def test_an_aborted_request_leaves_at_the_next_step(model):
     assert engine.running == [] and finished == [FINISH_ABORT] and len(long.output) < 100
     with pytest.raises(ValueError, match="exceed"):
         engine.add(EngineRequest([1] * 120, SamplingParams(max_tokens=9), lambda *a: None))
+    for adapter in (-2, model.context.num_adapters):  # refused before any step reads it
+        with pytest.raises(ValueError, match="outside"):
+            engine.add(EngineRequest([1, 2], SamplingParams(max_tokens=1), lambda *a: None, adapter))
+    assert engine.waiting == []
 
 
 def test_sampling_follows_temperature_top_k_and_top_p():

@@ -37,9 +37,9 @@ ATTENTION = "switchcit"  # the name transformers' AttentionInterface knows it by
 def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                       scaling: float) -> torch.Tensor:
     """``softmax(q kᵀ · scaling + mask) v`` of ``query [B, H, Q, D]`` over ``key``/``value``
-    ``[B, KVH, L, D]`` (H a multiple of KVH; query head h reads key head h // (H / KVH)) with an
-    additive ``mask`` broadcastable to ``[B, 1, Q, L]``; returns ``[B, Q, H, D]``. PyTorch's SDPA with
-    ``enable_gqa``: the heads of a group share their keys, none repeated."""
+    ``[B, KVH, L, D]`` (H a multiple of KVH; query head h reads key head h // (H / KVH)) with a ``mask``
+    (additive, or bool: true attends) broadcastable to ``[B, 1, Q, L]``; returns ``[B, Q, H, D]``.
+    PyTorch's SDPA with ``enable_gqa``: the heads of a group share their keys, none repeated."""
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                          enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2)
@@ -77,15 +77,18 @@ class PromptRows:
 
 @dataclass(frozen=True)
 class SlotBatch:
-    """Where the tokens of one flattened engine step attend (see the module docstring): tokens
-    ``0…n−1`` decode slots ``0…n−1``, the others are ``prompts`` in slots ``prompt_slot…prompt_slot+k−1``. ``token_mask
-    [1, 1, T, L]`` (additive): token ``t`` sees the positions of its own slot where it is 0 — the 4-D
-    mask transformers is handed; ``decode_mask`` and ``prompt_mask`` are its parts as the two attention
-    calls read them."""
+    """Where the tokens of one flattened engine step go and attend (see the module docstring): tokens
+    ``0…n−1`` decode slots ``0…n−1``, the others are ``prompts`` in slots ``prompt_slot…prompt_slot+k−1``;
+    token ``t`` is at position ``positions[t]`` of slot ``slots[t]``. ``token_mask [1, 1, T, L]``
+    (additive): token ``t`` sees the positions of its own slot where it is 0 — the 4-D mask
+    transformers is handed; ``decode_mask`` and ``prompt_mask`` are its parts as the two attention calls
+    read them."""
 
     num_decode: int
     prompts: PromptRows | None
     prompt_slot: int
+    slots: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
     token_mask: torch.Tensor
     decode_mask: torch.Tensor | None  # [n, 1, 1, decode positions]
     prompt_mask: torch.Tensor | None  # [k, 1, W, prompt positions]
@@ -96,10 +99,13 @@ class SlotBatch:
         """``decode_positions``: each decode token's position (its slot's length so far);
         ``prompt_positions``: each prompt's ``(start, end)``, its tokens' positions ``start…end−1`` (``start``
         > 0: the slot already holds the positions before, a shared prefix)."""
-        positions = list(decode_positions) + [p for start, end in prompt_positions for p in range(start, end)]
-        allowed = torch.arange(max(positions) + 1)[None] <= torch.tensor(positions)[:, None]
-        token_mask = _additive(allowed.to(device), dtype)  # [T, L]
         num_decode = len(decode_positions)
+        slots = [*range(num_decode), *(prompt_slot + row for row, (start, end) in enumerate(prompt_positions)
+                                       for _ in range(start, end))]
+        positions = torch.tensor([*decode_positions,
+                                  *(p for start, end in prompt_positions for p in range(start, end))])
+        allowed = torch.arange(int(positions.max()) + 1)[None] <= positions[:, None]
+        token_mask = _additive(allowed.to(device), dtype)  # [T, L]
         decode_mask = prompts = prompt_mask = None
         if num_decode:
             decode_mask = token_mask[:num_decode, None, None, : max(decode_positions) + 1]
@@ -107,7 +113,8 @@ class SlotBatch:
             prompts = PromptRows.build(num_decode, [end - start for start, end in prompt_positions], device)
             # padding cells see every position (a row of 0s: no NaN); their outputs are never read
             prompt_mask = prompts.gather(token_mask)[:, None, :, : max(end for _, end in prompt_positions)]
-        return cls(num_decode, prompts, prompt_slot, token_mask[None, None], decode_mask, prompt_mask)
+        return cls(num_decode, prompts, prompt_slot, torch.tensor(slots, device=device), positions.to(device),
+                   token_mask[None, None], decode_mask, prompt_mask)
 
 
 def slot_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: SlotBatch,
@@ -146,9 +153,7 @@ def _attention_forward(module: nn.Module, query, key, value, attention_mask, dro
     if query.shape[2] != 1 or dropout or module.training or kwargs.get("output_attentions"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    mask = None if attention_mask is None else attention_mask[..., : key.shape[2]]
-    if mask is not None and mask.dtype == torch.bool:
-        mask = _additive(mask, query.dtype)
+    mask = None if attention_mask is None else attention_mask[..., : key.shape[2]]  # SDPA takes bool or float
     return grouped_attention(query, key, value, mask, scaling), None
 
 

@@ -22,6 +22,7 @@ def test_grouped_attention_equals_the_reference_on_strided_slots_with_ragged_len
     mask[torch.arange(width)[None, None, None, :] >= lengths[:, None, None, None]] = torch.finfo(torch.float64).min
     expected = attention_reference(query, key, value, mask, dim ** -0.5)
     torch.testing.assert_close(grouped_attention(query, key, value, mask, dim ** -0.5), expected)
+    torch.testing.assert_close(grouped_attention(query, key, value, mask == 0, dim ** -0.5), expected)  # bool mask
     torch.testing.assert_close(grouped_attention(query, key, value, None, 0.3),
                                attention_reference(query, key, value, None, 0.3))
     # A row attends to its own length only: what lies beyond it in the slot does not matter.
@@ -50,6 +51,7 @@ def test_slot_attention_lets_each_token_see_its_own_slot_up_to_its_position(
     query = torch.randn(1, heads, len(positions), dim, generator=generator, dtype=torch.float64)
     batch = SlotBatch.build(decode_positions, prompt_positions, prompt_slot, torch.float64, torch.device("cpu"))
     assert batch.token_mask.shape == (1, 1, len(positions), max(positions) + 1)
+    assert batch.slots.tolist() == token_slots and batch.positions.tolist() == positions  # where the cache writes
     got = slot_attention(query, keys, values, batch, 0.3)
     for token, (slot, position) in enumerate(zip(token_slots, positions)):  # one token at a time, its slot only
         key, value = (c[None, slot, :, : position + 1] for c in (keys, values))  # [1, KVH, L, D]
