@@ -34,9 +34,10 @@ constexpr int kLanes = 8;  // one AVX2 vector of float32
 using Vec = float __attribute__((vector_size(kLanes * sizeof(float))));
 using Vec4 = float __attribute__((vector_size(4 * sizeof(float))));
 
-// AVX2 has 16 vector registers: 4 × 3 accumulators, plus the 3 x vectors of a step, with each weight
-// vector loaded once per step and used for kXRows products.
-constexpr int kWeightRows = 4, kXRows = 3;
+// AVX2 has 16 vector registers: 3 × 4 accumulators, the 3 weight vectors of a step and one x vector at a
+// time, each weight vector loaded once per step and used for kXRows products. Tiles of 4 rows: a decode
+// step of up to 4 sequences reads each weight block once (with tiles of 3, four rows took two passes).
+constexpr int kWeightRows = 3, kXRows = 4;
 constexpr int64_t kCacheLine = 64;
 
 SWITCHCIT_INLINE Vec load(const float* p) {
@@ -78,6 +79,18 @@ SWITCHCIT_INLINE Vec4 horizontal_sums(const Vec& a, const Vec& b, const Vec& c, 
   return __builtin_shufflevector(ab, cd, 0, 1, 4, 5) + __builtin_shufflevector(ab, cd, 2, 3, 6, 7);
 }
 
+// sums[k] = Σ over the lanes of vectors[k], k < kCount, four at a time by horizontal_sums (the same tree
+// for every vector, so a sum does not depend on its place in the list).
+template <int kCount>
+SWITCHCIT_INLINE void horizontal_sums(const Vec (&vectors)[kCount], float (&sums)[kCount]) {
+  for (int k = 0; k < kCount; k += 4) {
+    const Vec zero = {};
+    const Vec4 four = horizontal_sums(vectors[k], k + 1 < kCount ? vectors[k + 1] : zero,
+                                      k + 2 < kCount ? vectors[k + 2] : zero, k + 3 < kCount ? vectors[k + 3] : zero);
+    for (int i = 0; i < 4 && k + i < kCount; ++i) sums[k + i] = four[i];
+  }
+}
+
 template <typename T>
 struct Linear {
   const float* x;   // [M, H], float32 whatever T is (converted once: it is read once per weight block)
@@ -87,22 +100,29 @@ struct Linear {
   int64_t rows, hidden, out_features;
 };
 
+// acc[j · kWeightRows + i] += x[j][h…h + 7] · w[i][h…h + 7] (kPart: only the first `count` lanes, zeros
+// after them): the weight vectors loaded once, each x vector used for kWeightRows products.
+template <bool kPart, int kRows, typename T>
+SWITCHCIT_INLINE void accumulate_step(Vec (&acc)[kRows * kWeightRows], const float* const (&x)[kRows],
+                                      const T* const (&w)[kWeightRows], int64_t h, int64_t count) {
+  Vec wv[kWeightRows];
+  for (int i = 0; i < kWeightRows; ++i) wv[i] = kPart ? load_part(w[i] + h, count) : load(w[i] + h);
+  for (int j = 0; j < kRows; ++j) {
+    const Vec xv = kPart ? load_part(x[j] + h, count) : load(x[j] + h);
+    for (int i = 0; i < kWeightRows; ++i) acc[j * kWeightRows + i] += wv[i] * xv;
+  }
+}
+
 // out[m0 + j, o0 + i] for i < kWeightRows (those below out_features), j < kRows. Meanwhile the bytes at
-// addresses [ahead, ahead_end) of the next weight block are prefetched, two cache lines a step (a step
-// reads as much of this block), so that they arrive from memory while this block's tiles compute.
+// addresses [ahead, ahead_end) of the next weight block are prefetched, two cache lines a step (more than
+// a step reads of this block), so that they arrive from memory while this block's tiles compute.
 template <int kRows, typename T>
 SWITCHCIT_INLINE void dot_tile(const Linear<T>& p, const T* const (&w)[kWeightRows], int64_t o0, int64_t m0,
                                std::uintptr_t ahead, std::uintptr_t ahead_end) {
   const int64_t hidden = p.hidden;
   const float* x[kRows];
   for (int j = 0; j < kRows; ++j) x[j] = p.x + (m0 + j) * hidden;
-  Vec acc[kWeightRows][kRows] = {};
-  const auto step = [&](const Vec (&xv)[kRows], auto weight_at) {
-    for (int i = 0; i < kWeightRows; ++i) {
-      const Vec wv = weight_at(i);
-      for (int j = 0; j < kRows; ++j) acc[i][j] += wv * xv[j];
-    }
-  };
+  Vec acc[kRows * kWeightRows] = {};  // acc[j · kWeightRows + i]: x row j · weight row i
   int64_t h = 0;
   for (; h + kLanes <= hidden; h += kLanes) {
     if (ahead < ahead_end) {
@@ -110,21 +130,17 @@ SWITCHCIT_INLINE void dot_tile(const Linear<T>& p, const T* const (&w)[kWeightRo
       __builtin_prefetch(reinterpret_cast<const void*>(ahead + kCacheLine));
       ahead += 2 * kCacheLine;
     }
-    Vec xv[kRows];
-    for (int j = 0; j < kRows; ++j) xv[j] = load(x[j] + h);
-    step(xv, [&](int i) { return load(w[i] + h); });
+    accumulate_step<false>(acc, x, w, h, kLanes);
   }
-  if (h < hidden) {
-    Vec xv[kRows];
-    for (int j = 0; j < kRows; ++j) xv[j] = load_part(x[j] + h, hidden - h);
-    step(xv, [&](int i) { return load_part(w[i] + h, hidden - h); });
-  }
-  static_assert(kWeightRows == 4, "horizontal_sums reduces four weight rows");
+  if (h < hidden) accumulate_step<true>(acc, x, w, h, hidden - h);
+  float sums[kRows * kWeightRows];
+  horizontal_sums(acc, sums);
   for (int j = 0; j < kRows; ++j) {
-    const Vec4 sums = horizontal_sums(acc[0][j], acc[1][j], acc[2][j], acc[3][j]);
     T* out = p.out + (m0 + j) * p.out_features + o0;
-    for (int i = 0; i < kWeightRows && o0 + i < p.out_features; ++i)
-      store(out[i], p.bias ? sums[i] + to_float(p.bias[o0 + i]) : sums[i]);
+    for (int i = 0; i < kWeightRows && o0 + i < p.out_features; ++i) {
+      const float sum = sums[j * kWeightRows + i];
+      store(out[i], p.bias ? sum + to_float(p.bias[o0 + i]) : sum);
+    }
   }
 }
 
@@ -138,8 +154,8 @@ SWITCHCIT_INLINE void dot_rows(int rows, const Linear<T>& p, const T* const (&w)
   dot_tile<kRows>(p, w, o0, m0, ahead, ahead_end);
 }
 
-// The height of the tile of x rows at `left` rows from the end: kXRows, the last one or two smaller. Four
-// rows left make two tiles of 2 rather than 3 + 1: a step of a 1-row tile loads more than it multiplies.
+// The height of the tile of x rows at `left` rows from the end: kXRows, the last one or two smaller. Five
+// rows left make 2 + 3 rather than 4 + 1: a step of a 1-row tile loads more than it multiplies.
 SWITCHCIT_INLINE int tile_rows(int64_t left) {
   return left == kXRows + 1 ? (kXRows + 1) / 2 : int(std::min<int64_t>(left, kXRows));
 }
