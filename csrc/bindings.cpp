@@ -1,5 +1,6 @@
 #include <pybind11/pybind11.h>
 
+#include "decoder_cpu.h"
 #include "linear_cpu.h"
 #include "lora_cpu.h"
 #include "routing.h"
@@ -35,4 +36,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
         "out[M, O] = x[M, H] @ weight[O, H].T (+ bias[O]), float32 sums in an order fixed by H alone\n"
         "(see csrc/linear_cpu.h); bias 0 = none.");
+
+  // A decoder layer's other ops (csrc/decoder_cpu.h), same conventions.
+  m.def("rms_norm_forward", &switchcit::rms_norm_forward, py::arg("out"), py::arg("residual_out"), py::arg("x"),
+        py::arg("residual"), py::arg("weight"), py::arg("eps"), py::arg("dtype"), py::arg("rows"),
+        py::arg("hidden"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+        "out = weight * rms_norm(x + residual); x + residual also to residual_out (residual 0: x alone).");
+  m.def("rotary_forward", &switchcit::rotary_forward, py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"),
+        py::arg("dtype"), py::arg("tokens"), py::arg("q_heads"), py::arg("k_heads"), py::arg("head_dim"),
+        py::arg("q_stride"), py::arg("k_stride"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+        "In place: q, k <- x * cos + rotate_half(x) * sin, per token and head.");
+  m.def("decode_attention_forward", &switchcit::decode_attention_forward, py::arg("out"), py::arg("q"),
+        py::arg("key_cache"), py::arg("value_cache"), py::arg("positions"), py::arg("dtype"), py::arg("n"),
+        py::arg("heads"), py::arg("kv_heads"), py::arg("max_positions"), py::arg("head_dim"), py::arg("scaling"),
+        py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+        "Token i of n attends to positions 0..positions[i] of slot i of the cache (grouped-query heads).");
 }

@@ -25,6 +25,7 @@ from torch import nn
 from switchcit.modules import NO_ADAPTER, MultiLoraLinear, accelerate_linear
 from switchcit.ops import switch_route
 from switchcit.ops.attention import PromptRows, accelerate_attention
+from switchcit.ops.decoder import accelerate_decoder
 from switchcit.prompts import content_mask, pad, prompt_tokens, template_head
 from switchcit.switch import Switch, decoder_layers
 
@@ -40,7 +41,8 @@ class SwitchModel:
 
         # Decode steps on CPU: the linear layers' GEMMs through the C++ kernel (grad mode stays F.linear).
         self.model, self.tokenizer = accelerate_linear(model.eval()), tokenizer
-        self.network = accelerate_attention(_transformers_model(model))  # decode steps: grouped-query attention
+        # Decode steps: grouped-query attention, and a Llama layer's norms and rotary as one C++ call each.
+        self.network = accelerate_decoder(accelerate_attention(_transformers_model(model)))
         self.context = routing_context(model)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from switchcit.ops.cpp import cpp_decode_attention, decoder_kernels_take
+
 __all__ = ["ATTENTION", "PromptRows", "SlotBatch", "accelerate_attention", "grouped_attention", "slot_attention"]
 
 ATTENTION = "switchcit"  # the name transformers' AttentionInterface knows it by
@@ -124,7 +126,9 @@ def slot_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: to
     ``[1, T, H, D]``."""
     queries = query[0].transpose(0, 1)  # [T, H, D]
     parts, count = [], batch.num_decode
-    if count:
+    if count and decoder_kernels_take(queries, key_cache, value_cache):
+        parts.append(cpp_decode_attention(queries[:count], key_cache, value_cache, batch.positions[:count], scaling))
+    elif count:
         length = batch.decode_mask.shape[-1]
         keys, values = (c[:count, :, :length] for c in (key_cache, value_cache))
         parts.append(grouped_attention(queries[:count, :, None], keys, values, batch.decode_mask, scaling)[:, 0])
@@ -134,7 +138,7 @@ def slot_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         keys, values = (c[slots, :, :length] for c in (key_cache, value_cache))
         out = grouped_attention(rows.gather(queries).transpose(1, 2), keys, values, batch.prompt_mask, scaling)
         parts.append(out.reshape(-1, *out.shape[2:]).index_select(0, rows.cells))  # [Tp, H, D]
-    return torch.cat(parts)[None]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts))[None]
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

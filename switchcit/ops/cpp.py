@@ -30,7 +30,17 @@ Tensor = torch.Tensor
 
 HAS_CPP_KERNELS = _C is not None and hasattr(_C, "lora_forward")
 HAS_CPP_LINEAR = _C is not None and hasattr(_C, "linear_forward")  # a build older than the kernel lacks it
+HAS_CPP_DECODER = _C is not None and hasattr(_C, "decode_attention_forward")
 CPP_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+def decoder_kernels_take(*tensors: Tensor) -> bool:
+    """Whether the decoder kernels (``csrc/decoder_cpu.cpp``) run for these tensors: grad mode off
+    (they have no backward), contiguous CPU tensors of one dtype of ``CPP_DTYPES``."""
+    if not HAS_CPP_DECODER or torch.is_grad_enabled():
+        return False
+    dtype = tensors[0].dtype
+    return dtype in CPP_DTYPES and all(t.is_cpu and t.dtype == dtype and t.is_contiguous() for t in tensors)
 
 
 def _ptr(t: Tensor | None) -> int:
@@ -119,6 +129,53 @@ def cpp_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 @cpp_linear.register_fake
 def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@traceable_op("switchcit::cpp_rms_norm_", mutates_args=("out", "summed"), device_types="cpu")
+def cpp_rms_norm_(out: Tensor, summed: Tensor | None, x: Tensor, residual: Tensor | None, weight: Tensor,
+                  eps: float) -> None:
+    """``out = weight · rms_norm(x (+ residual))`` and, with a residual, ``summed = x + residual`` (all
+    contiguous ``[..., H]`` of one dtype)."""
+    _C.rms_norm_forward(out.data_ptr(), _ptr(summed), x.data_ptr(), _ptr(residual), weight.data_ptr(), eps,
+                        CPP_DTYPES[x.dtype], x.shape[:-1].numel(), x.shape[-1], torch.get_num_threads())
+
+
+@cpp_rms_norm_.register_fake
+def _(out, summed, x, residual, weight, eps):
+    return None
+
+
+@traceable_op("switchcit::cpp_rotary_", mutates_args=("q", "k"), device_types="cpu")
+def cpp_rotary_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """In place, ``q [T, Hq, D]`` and ``k [T, Hk, D]`` (heads contiguous, any token stride) with
+    contiguous ``cos``/``sin [T, D]``."""
+    tokens, q_heads, head_dim = q.shape
+    _C.rotary_forward(q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), CPP_DTYPES[q.dtype], tokens,
+                      q_heads, k.shape[1], head_dim, q.stride(0), k.stride(0), torch.get_num_threads())
+
+
+@cpp_rotary_.register_fake
+def _(q, k, cos, sin):
+    return None
+
+
+@traceable_op("switchcit::cpp_decode_attention", mutates_args=(), device_types="cpu")
+def cpp_decode_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, positions: Tensor,
+                         scaling: float) -> Tensor:
+    """``query [n, H, D]``: token i over positions ``0…positions[i]`` (int64) of slot i of the contiguous
+    ``key_cache``/``value_cache [slots, KVH, P, D]`` → ``[n, H, D]``."""
+    out = torch.empty(query.shape, dtype=query.dtype)
+    count, heads, head_dim = query.shape
+    _, kv_heads, capacity, _ = key_cache.shape
+    _C.decode_attention_forward(out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+                                positions.data_ptr(), CPP_DTYPES[query.dtype], count, heads, kv_heads, capacity,
+                                head_dim, scaling, torch.get_num_threads())
+    return out
+
+
+@cpp_decode_attention.register_fake
+def _(query, key_cache, value_cache, positions, scaling):
+    return torch.empty_like(query)
 
 
 class CppKernels:

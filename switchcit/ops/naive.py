@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 __all__ = [
-    "attention_reference", "lora_delta_reference", "lora_linear_reference",
+    "attention_reference", "rms_norm_reference", "rotary_reference", "lora_delta_reference", "lora_linear_reference",
     "SwitchHead", "pool_features", "gate_distance", "classify_reference", "route_reference",
 ]
 
@@ -141,3 +141,24 @@ def attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     if mask is not None:
         scores = scores + mask
     return (scores.softmax(-1) @ value).transpose(1, 2)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight · x / sqrt(mean(x²) + eps)`` over the last dimension, as transformers' LlamaRMSNorm:
+    normalised in float32 (float64 stays float64), rounded to x's dtype, then times the weight."""
+    wide = x if x.dtype == torch.float64 else x.to(torch.float32)
+    normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding of ``q [..., T, Hq, D]`` and ``k [..., T, Hk, D]`` with ``cos``/``sin``
+    ``[..., T, D]``: ``x · cos + rotate_half(x) · sin``, ``rotate_half(x) = (−x[D/2:], x[:D/2])``."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+
+    def rotate(x):
+        first, second = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+    return rotate(q), rotate(k)

@@ -1,0 +1,200 @@
+// CPU kernels for a decoder layer's ops besides its linear layers (contract in decoder_cpu.h).
+//
+// A decode step runs a few tokens through every layer: each of these ops is a few µs of arithmetic, and
+// the composed PyTorch ops it replaces cost ~10× that in dispatch alone (LlamaRMSNorm is 8 ops, rotary
+// 14, SDPA's masked path ~150 µs a call). So each kernel is one pass over its rows, one thread a row
+// (or a slot's key head) at a time.
+#include "decoder_cpu.h"
+
+#include "cpu_common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace switchcit {
+namespace {
+
+constexpr int kLanes = 16;  // partial sums of a reduction: enough for one AVX-512 or two AVX2 vectors
+
+// value as the storage type T would hold it (float: unchanged).
+template <typename T>
+SWITCHCIT_INLINE float rounded(float value) {
+  T stored;
+  store(stored, value);
+  return to_float(stored);
+}
+
+template <typename T>
+SWITCHCIT_MULTIVERSION void rms_norm_row(T* out, T* residual_out, const T* x, const T* residual, const T* weight,
+                                          float eps, int64_t hidden, float* sum_buffer) {
+  float lanes[kLanes] = {};
+  for (int64_t h0 = 0; h0 < hidden; h0 += kLanes) {
+    const int64_t width = std::min<int64_t>(kLanes, hidden - h0);
+#pragma omp simd
+    for (int64_t l = 0; l < width; ++l) {
+      float value = to_float(x[h0 + l]);
+      if (residual) value = rounded<T>(value + to_float(residual[h0 + l]));
+      sum_buffer[h0 + l] = value;
+      lanes[l] += value * value;
+    }
+  }
+  float sum = 0;
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  const float inverse = 1.0f / std::sqrt(sum / float(hidden) + eps);
+  if (residual_out) {
+    for (int64_t h = 0; h < hidden; ++h) store(residual_out[h], sum_buffer[h]);
+  }
+#pragma omp simd
+  for (int64_t h = 0; h < hidden; ++h) store(out[h], to_float(weight[h]) * rounded<T>(sum_buffer[h] * inverse));
+}
+
+template <typename T>
+SWITCHCIT_MULTIVERSION void rotate_head(T* x, const T* cos, const T* sin, int64_t half) {
+#pragma omp simd
+  for (int64_t j = 0; j < half; ++j) {
+    const float a = to_float(x[j]), b = to_float(x[j + half]);
+    const float first = rounded<T>(rounded<T>(a * to_float(cos[j])) + rounded<T>(-b * to_float(sin[j])));
+    const float second = rounded<T>(rounded<T>(b * to_float(cos[j + half])) + rounded<T>(a * to_float(sin[j + half])));
+    store(x[j], first);
+    store(x[j + half], second);
+  }
+}
+
+// e^x for x ≤ 0 (scores less their maximum), in a form that vectorises: 2^n · e^f with |f| ≤ ln2 / 2 by
+// Cody–Waite reduction and a degree-6 polynomial (Cephes' expf, ~1 ulp); below −87 it flushes to 0.
+SWITCHCIT_INLINE float exp_nonpositive(float x) {
+  const bool underflow = x < -87.0f;
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float f = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * f + 1.3981999507e-3f;
+  y = y * f + 8.3334519073e-3f;
+  y = y * f + 4.1665795894e-2f;
+  y = y * f + 1.6666665459e-1f;
+  y = y * f + 5.0000001201e-1f;
+  y = y * f * f + f + 1.0f;
+  const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return underflow ? 0.0f : y * scale;
+}
+
+struct DecodeAttention {
+  int64_t heads, kv_heads, max_positions, head_dim;
+  float scaling;
+};
+
+// The `group` query heads of slot i that read key head kv: q, out [group, D]; keys, values
+// [length, D]; scores [group, length] and accumulators [group, D] are scratch.
+template <typename T>
+SWITCHCIT_MULTIVERSION void attend(T* out, const T* q, const T* keys, const T* values, int64_t length, int64_t group,
+                                   int64_t head_dim, float scaling, float* scores, float* query, float* acc) {
+  for (int64_t g = 0; g < group; ++g) {
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) query[g * head_dim + d] = to_float(q[g * head_dim + d]) * scaling;
+  }
+  for (int64_t p = 0; p < length; ++p) {
+    const T* key = keys + p * head_dim;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = query + g * head_dim;
+      float dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * to_float(key[d]);
+      scores[g * length + p] = dot;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* row = scores + g * length;
+    float top = row[0];
+    for (int64_t p = 1; p < length; ++p) top = std::max(top, row[p]);
+    float total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t p = 0; p < length; ++p) {
+      row[p] = exp_nonpositive(row[p] - top);
+      total += row[p];
+    }
+    const float inverse = 1.0f / total;
+#pragma omp simd
+    for (int64_t p = 0; p < length; ++p) row[p] *= inverse;
+  }
+  std::fill(acc, acc + group * head_dim, 0.0f);
+  for (int64_t p = 0; p < length; ++p) {
+    const T* value = values + p * head_dim;
+    for (int64_t g = 0; g < group; ++g) {
+      const float weight = scores[g * length + p];
+      float* ag = acc + g * head_dim;
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) ag[d] += weight * to_float(value[d]);
+    }
+  }
+  for (int64_t i = 0; i < group * head_dim; ++i) store(out[i], acc[i]);
+}
+
+}  // namespace
+
+void rms_norm_forward(std::uintptr_t out, std::uintptr_t residual_out, std::uintptr_t x, std::uintptr_t residual,
+                      std::uintptr_t weight, double eps, const std::string& dtype, int64_t rows, int64_t hidden,
+                      int num_threads) {
+  with_storage_type(dtype, [&](auto storage) {
+    using T = decltype(storage);
+    const int threads = int(std::clamp<int64_t>(num_threads, 1, std::max<int64_t>(rows, 1)));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      std::vector<float> sums(hidden);
+#pragma omp for schedule(static)
+      for (int64_t row = 0; row < rows; ++row) {
+        const int64_t at = row * hidden;
+        rms_norm_row(reinterpret_cast<T*>(out) + at, residual_out ? reinterpret_cast<T*>(residual_out) + at : nullptr,
+                     reinterpret_cast<const T*>(x) + at, residual ? reinterpret_cast<const T*>(residual) + at : nullptr,
+                     reinterpret_cast<const T*>(weight), float(eps), hidden, sums.data());
+      }
+    }
+  });
+}
+
+void rotary_forward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t cos, std::uintptr_t sin,
+                    const std::string& dtype, int64_t tokens, int64_t q_heads, int64_t k_heads, int64_t head_dim,
+                    int64_t q_stride, int64_t k_stride, int num_threads) {
+  with_storage_type(dtype, [&](auto storage) {
+    using T = decltype(storage);
+    const int threads = int(std::clamp<int64_t>(num_threads, 1, std::max<int64_t>(tokens, 1)));
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t t = 0; t < tokens; ++t) {
+      const T* c = reinterpret_cast<const T*>(cos) + t * head_dim;
+      const T* s = reinterpret_cast<const T*>(sin) + t * head_dim;
+      for (int64_t h = 0; h < q_heads; ++h)
+        rotate_head(reinterpret_cast<T*>(q) + t * q_stride + h * head_dim, c, s, head_dim / 2);
+      for (int64_t h = 0; h < k_heads; ++h)
+        rotate_head(reinterpret_cast<T*>(k) + t * k_stride + h * head_dim, c, s, head_dim / 2);
+    }
+  });
+}
+
+void decode_attention_forward(std::uintptr_t out, std::uintptr_t q, std::uintptr_t key_cache,
+                              std::uintptr_t value_cache, std::uintptr_t positions, const std::string& dtype,
+                              int64_t n, int64_t heads, int64_t kv_heads, int64_t max_positions, int64_t head_dim,
+                              double scaling, int num_threads) {
+  with_storage_type(dtype, [&](auto storage) {
+    using T = decltype(storage);
+    const int64_t group = heads / kv_heads, pairs = n * kv_heads;
+    const int64_t* position = reinterpret_cast<const int64_t*>(positions);
+    const int threads = int(std::clamp<int64_t>(num_threads, 1, std::max<int64_t>(pairs, 1)));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      std::vector<float> scores(group * max_positions), query(group * head_dim), acc(group * head_dim);
+#pragma omp for schedule(dynamic)
+      for (int64_t pair = 0; pair < pairs; ++pair) {
+        const int64_t slot = pair / kv_heads, kv = pair % kv_heads;
+        const int64_t head_at = (slot * heads + kv * group) * head_dim;
+        const int64_t cache_at = (slot * kv_heads + kv) * max_positions * head_dim;
+        attend(reinterpret_cast<T*>(out) + head_at, reinterpret_cast<const T*>(q) + head_at,
+               reinterpret_cast<const T*>(key_cache) + cache_at, reinterpret_cast<const T*>(value_cache) + cache_at,
+               position[slot] + 1, group, head_dim, float(scaling), scores.data(), query.data(), acc.data());
+      }
+    }
+  });
+}
+
+}  // namespace switchcit
