@@ -8,7 +8,10 @@ down_proj; B nonzero) for the tasks haiku, simplify, factcheck, and a switch. ``
 random Llama instead (switchcit rows only: vLLM's CPU attention refuses its head size 16).
 
 Servers, each a separate process started here, one at a time (the next starts when the last is stopped),
-ready when ``GET /health`` answers 200, stopped with SIGTERM to its process group at the end:
+ready when ``GET /health`` answers 200, stopped with SIGTERM to its process group at the end, in
+``--rounds`` rounds (default 3): each round starts every server afresh, in the reverse order of the round
+before, and the report gives each measure's median over the rounds beside every round's own numbers (on a
+shared VM a noisy stretch moves one server's numbers by 20–30%; one round would let it decide):
 
 * ``switchcit serve RUN_DIR`` (this venv's python), rows ``switchcit`` (each request's own model: an
   adapter or ``base``), ``switchcit auto`` (``model: "auto"``: the switch picks each prompt's adapter) and
@@ -85,8 +88,10 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # --max-lora-rank's ch
 # No hub downloads (the model is a local folder) and no usage reports.
 VLLM_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 WORKLOADS = ("poisson", "burst")
-CPU_DEFAULTS = {"requests": 96, "rate": 2.0, "burst": 64, "max_tokens": 32, "max_num_seqs": 16}
-SMOKE_DEFAULTS = {"requests": 12, "rate": 50.0, "burst": 8, "max_tokens": 4, "max_num_seqs": 8}
+CPU_DEFAULTS = {"requests": 96, "rate": 2.0, "burst": 64, "max_tokens": 32, "max_num_seqs": 16, "rounds": 3}
+SMOKE_DEFAULTS = {"requests": 12, "rate": 50.0, "burst": 8, "max_tokens": 4, "max_num_seqs": 8, "rounds": 1}
+MEASURES = ("wall_s", "requests_per_s", "output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "latency_ms_p50",
+            "latency_ms_p99")
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,12 @@ def summary(row: Row, workload: str, wall_s: float, answers: list[Answer]) -> di
         "ttft_ms_p50": percentile(ttft_ms, 50), "ttft_ms_p99": percentile(ttft_ms, 99),
         "latency_ms_p50": percentile(latency_ms, 50), "latency_ms_p99": percentile(latency_ms, 99),
     }
+
+
+def median_of_rounds(rounds: list[dict]) -> dict:
+    """One row's summaries of every round → the median of each measure, and each round's own summary."""
+    return rounds[0] | {measure: statistics.median(r[measure] for r in rounds) for measure in MEASURES} | {
+        "rounds": [{measure: r[measure] for measure in MEASURES} for r in rounds]}
 
 
 def agreement(workloads: dict, results: dict, rows: tuple[str, str], models: set[str] | None) -> dict:
@@ -328,6 +339,7 @@ def check_arguments(parser: argparse.ArgumentParser, args) -> None:
     """One line and exit code 2 for a bad command line, before any work."""
     problems = [f"{flag} must be at least 1" for flag, value in
                 (("--requests", args.requests), ("--burst", args.burst), ("--max-tokens", args.max_tokens),
+                 ("--rounds", args.rounds),
                  ("--max-num-seqs", args.max_num_seqs), ("--max-model-len", args.max_model_len)) if value < 1]
     if args.rate <= 0:
         problems.append("--rate must be positive")
@@ -366,6 +378,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, help="sequences each server generates together")
     parser.add_argument("--max-model-len", type=int, default=1024, help="prompt + answer tokens (default 1024)")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30, help="KV cache of each server")
+    parser.add_argument("--rounds", type=int, help="rounds of every server, each a fresh start; medians reported")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts, models and arrivals")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to start")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -390,14 +403,23 @@ def main() -> None:
             run = build_run(scratch, base_folder=smollm2_135m_instruct(), rank=16)
             model_name = "SmolLM2-135M-Instruct, float32, random LoRA adapters r16 on q_proj, v_proj, down_proj"
         servers = ["switchcit", *(["vllm lora", "vllm base"] if args.vllm_python else [])]
-        results, commands = {}, {}
-        for server in servers:
-            port = free_port()
-            command = server_command(server, run, port, args)
-            commands[server] = shlex.join(command)
-            results |= serve_rows(command, VLLM_ENV if server.startswith("vllm") else {},
-                                  [row for row in ROWS if row.server == server], workloads,
-                                  scratch / f"{server.replace(' ', '-')}.log", port, args)
+        rounds, commands = {}, {}
+        for index in range(args.rounds):
+            # Every round serves each server anew, in the reverse order of the round before: a slow stretch
+            # of a shared machine falls on different servers, and the medians over rounds compare them.
+            for server in servers if index % 2 == 0 else servers[::-1]:
+                port = free_port()
+                command = server_command(server, run, port, args)
+                commands[server] = shlex.join(command)
+                print(f"round {index + 1} of {args.rounds}: {server}", flush=True)
+                served = serve_rows(command, VLLM_ENV if server.startswith("vllm") else {},
+                                    [row for row in ROWS if row.server == server], workloads,
+                                    scratch / f"{server.replace(' ', '-')}.log", port, args)
+                for key, (measured, texts) in served.items():
+                    rounds.setdefault(key, []).append((measured, texts))
+        # texts of the first round for the agreement counts (greedy: every round answers alike but near ties)
+        results = {key: (median_of_rounds([measured for measured, _ in each]), each[0][1])
+                   for key, each in rounds.items()}
 
     agreements = {" = ".join(rows): agreement(workloads, results, rows, models) for rows, models in AGREEMENT
                   if all((row, "poisson") in results for row in rows)}
@@ -410,15 +432,18 @@ def main() -> None:
         "model": model_name, "adapters": TASKS,
         "workloads": f"poisson: {args.requests} requests at {args.rate}/s; burst: {args.burst} at once; "
                      f"chat, greedy, max_tokens {args.max_tokens}, seed {args.seed}",
+        "rounds": f"{args.rounds}, servers in alternating order; each measure is the median over the rounds",
         "command": shlex.join(["python", "benchmarks/bench_serve.py", *sys.argv[1:]]),
         "servers": commands, "agreement": agreements,
     }
     rows = [results[row.name, workload][0] for row in ROWS for workload in WORKLOADS if (row.name, workload) in results]
     header = ["row", "workload", "requests/s", "output tokens/s", "TTFT p50 (ms)", "TTFT p99 (ms)",
-              "latency p50 (ms)", "latency p99 (ms)"]
+              "latency p50 (ms)", "latency p99 (ms)", "each round: requests/s, latency p50 (ms)"]
     table = [[r["row"], r["workload"], f"{r['requests_per_s']:.2f}", f"{r['output_tokens_per_s']:.1f}",
               f"{r['ttft_ms_p50']:.0f}", f"{r['ttft_ms_p99']:.0f}", f"{r['latency_ms_p50']:.0f}",
-              f"{r['latency_ms_p99']:.0f}"] for r in rows]
+              f"{r['latency_ms_p99']:.0f}",
+              " / ".join(f"{each['requests_per_s']:.2f}, {each['latency_ms_p50']:.0f}" for each in r["rounds"])]
+             for r in rows]
     tag = "cpu-smoke" if args.smoke else "cpu"
     json_path, md_path = write_results(args.out, f"serve-{tag}", f"Serving benchmark: {meta['device']}", meta, rows,
                                        header, table, notes(agreements))

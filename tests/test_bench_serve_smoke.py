@@ -1,8 +1,10 @@
 """The serving benchmark runs end to end: its ``--smoke`` run starts ``switchcit serve`` on the session's tiny
-run as a separate process, streams both workloads through it for each switchcit row and writes the JSON and
-markdown reports; a bad command line stops it with one line before any work."""
+run as a separate process, twice (two rounds), streams both workloads through it for each switchcit row and
+writes the JSON and markdown reports with the medians over the rounds; a bad command line stops it with one
+line before any work."""
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +27,7 @@ def test_serve_benchmark_smoke(tmp_path, tmp_path_factory):
     requests, burst, max_tokens = 10, 6, 3
     proc = subprocess.run(
         [*BENCH, "--smoke", "--run", str(run), "--out", str(tmp_path), "--requests", str(requests),
-         "--burst", str(burst), "--max-tokens", str(max_tokens)],
+         "--burst", str(burst), "--max-tokens", str(max_tokens), "--rounds", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -44,6 +46,9 @@ def test_serve_benchmark_smoke(tmp_path, tmp_path_factory):
         # every request's first token comes before its end, so the quantiles keep that order
         assert 0 < row["ttft_ms_p50"] <= row["latency_ms_p50"] <= row["latency_ms_p99"] <= row["wall_s"] * 1e3
         assert row["ttft_ms_p50"] <= row["ttft_ms_p99"] <= row["latency_ms_p99"]
+        assert len(row["rounds"]) == 2  # each round a fresh server; the row's measures are their medians
+        for measure in ("requests_per_s", "latency_ms_p50", "ttft_ms_p99"):
+            assert row[measure] == pytest.approx(statistics.median(r[measure] for r in row["rounds"]))
     assert "| switchcit auto | burst |" in (tmp_path / "serve-cpu-smoke.md").read_text()
 
 
