@@ -7,6 +7,7 @@
 #include "decoder_cpu.h"
 
 #include "cpu_common.h"
+#include "cpu_vector.h"
 
 #include <algorithm>
 #include <cmath>
@@ -15,7 +16,7 @@
 namespace switchcit {
 namespace {
 
-constexpr int kLanes = 16;  // partial sums of a reduction: enough for one AVX-512 or two AVX2 vectors
+constexpr int kPartials = 16;  // partial sums of a norm's reduction: one AVX-512 or two AVX2 vectors
 
 // value as the storage type T would hold it (float: unchanged).
 template <typename T>
@@ -28,9 +29,9 @@ SWITCHCIT_INLINE float rounded(float value) {
 template <typename T>
 SWITCHCIT_MULTIVERSION void rms_norm_row(T* out, T* residual_out, const T* x, const T* residual, const T* weight,
                                           float eps, int64_t hidden, float* sum_buffer) {
-  float lanes[kLanes] = {};
-  for (int64_t h0 = 0; h0 < hidden; h0 += kLanes) {
-    const int64_t width = std::min<int64_t>(kLanes, hidden - h0);
+  float lanes[kPartials] = {};
+  for (int64_t h0 = 0; h0 < hidden; h0 += kPartials) {
+    const int64_t width = std::min<int64_t>(kPartials, hidden - h0);
 #pragma omp simd
     for (int64_t l = 0; l < width; ++l) {
       float value = to_float(x[h0 + l]);
@@ -40,7 +41,7 @@ SWITCHCIT_MULTIVERSION void rms_norm_row(T* out, T* residual_out, const T* x, co
     }
   }
   float sum = 0;
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  for (int l = 0; l < kPartials; ++l) sum += lanes[l];
   const float inverse = 1.0f / std::sqrt(sum / float(hidden) + eps);
   if (residual_out) {
     for (int64_t h = 0; h < hidden; ++h) store(residual_out[h], sum_buffer[h]);
@@ -81,10 +82,23 @@ SWITCHCIT_INLINE float exp_nonpositive(float x) {
   return underflow ? 0.0f : y * scale;
 }
 
-struct DecodeAttention {
-  int64_t heads, kv_heads, max_positions, head_dim;
-  float scaling;
-};
+// Softmax of each of the `group` rows of scores [group, length], in place.
+SWITCHCIT_INLINE void softmax_rows(float* scores, int64_t group, int64_t length) {
+  for (int64_t g = 0; g < group; ++g) {
+    float* row = scores + g * length;
+    float top = row[0];
+    for (int64_t p = 1; p < length; ++p) top = std::max(top, row[p]);
+    float total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t p = 0; p < length; ++p) {
+      row[p] = exp_nonpositive(row[p] - top);
+      total += row[p];
+    }
+    const float inverse = 1.0f / total;
+#pragma omp simd
+    for (int64_t p = 0; p < length; ++p) row[p] *= inverse;
+  }
+}
 
 // The `group` query heads of slot i that read key head kv: q, out [group, D]; keys, values
 // [length, D]; scores [group, length] and accumulators [group, D] are scratch.
@@ -105,20 +119,7 @@ SWITCHCIT_MULTIVERSION void attend(T* out, const T* q, const T* keys, const T* v
       scores[g * length + p] = dot;
     }
   }
-  for (int64_t g = 0; g < group; ++g) {
-    float* row = scores + g * length;
-    float top = row[0];
-    for (int64_t p = 1; p < length; ++p) top = std::max(top, row[p]);
-    float total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t p = 0; p < length; ++p) {
-      row[p] = exp_nonpositive(row[p] - top);
-      total += row[p];
-    }
-    const float inverse = 1.0f / total;
-#pragma omp simd
-    for (int64_t p = 0; p < length; ++p) row[p] *= inverse;
-  }
+  softmax_rows(scores, group, length);
   std::fill(acc, acc + group * head_dim, 0.0f);
   for (int64_t p = 0; p < length; ++p) {
     const T* value = values + p * head_dim;
@@ -130,6 +131,75 @@ SWITCHCIT_MULTIVERSION void attend(T* out, const T* q, const T* keys, const T* v
     }
   }
   for (int64_t i = 0; i < group * head_dim; ++i) store(out[i], acc[i]);
+}
+
+// The same for head_dim kD (a multiple of 32) in registers: query heads in chunks of up to 3, scores
+// four positions at a time (3 × 4 accumulators), values a quarter of a 64-dim head at a time.
+constexpr int kChunk = 3, kPositions = 4, kValueVectors = 4;
+
+// scores[g · length + p] = query_g · K_p for the kG heads of `query` ([kG, kD], scaled), every p < length;
+// a last block short of kPositions repeats position length − 1 and drops those results.
+template <int kG, int kD, typename T>
+SWITCHCIT_INLINE void chunk_scores(float* scores, const float* query, const T* keys, int64_t length) {
+  for (int64_t p0 = 0; p0 < length; p0 += kPositions) {
+    const T* key[kPositions];
+    for (int i = 0; i < kPositions; ++i) key[i] = keys + std::min(p0 + i, length - 1) * kD;
+    Vec acc[kG * kPositions] = {};
+    for (int d = 0; d < kD; d += kLanes) {
+      Vec kv[kPositions];
+      for (int i = 0; i < kPositions; ++i) kv[i] = load(key[i] + d);
+      for (int g = 0; g < kG; ++g) {
+        const Vec qv = load(query + g * kD + d);
+        for (int i = 0; i < kPositions; ++i) acc[g * kPositions + i] += qv * kv[i];
+      }
+    }
+    float sums[kG * kPositions];
+    horizontal_sums(acc, sums);
+    for (int g = 0; g < kG; ++g)
+      for (int i = 0; i < kPositions && p0 + i < length; ++i) scores[g * length + p0 + i] = sums[g * kPositions + i];
+  }
+}
+
+// acc_g = Σ_p weights[g · length + p] V_p for the kG heads ([kG, kD] float32, overwritten).
+template <int kG, int kD, typename T>
+SWITCHCIT_INLINE void chunk_values(float* acc_out, const float* weights, const T* values, int64_t length) {
+  static_assert(kD % (kValueVectors * kLanes) == 0, "a head is a whole number of value passes");
+  for (int d0 = 0; d0 < kD; d0 += kValueVectors * kLanes) {
+    Vec acc[kG][kValueVectors] = {};
+    for (int64_t p = 0; p < length; ++p) {
+      Vec weight[kG];
+      for (int g = 0; g < kG; ++g) weight[g] = Vec{} + weights[g * length + p];
+      for (int v = 0; v < kValueVectors; ++v) {
+        const Vec value = load(values + p * kD + d0 + v * kLanes);
+        for (int g = 0; g < kG; ++g) acc[g][v] += weight[g] * value;
+      }
+    }
+    for (int g = 0; g < kG; ++g)
+      for (int v = 0; v < kValueVectors; ++v) store(acc_out + g * kD + d0 + v * kLanes, acc[g][v]);
+  }
+}
+
+template <int kD, typename T>
+SWITCHCIT_MULTIVERSION void attend_in_registers(T* out, const T* q, const T* keys, const T* values, int64_t length,
+                                                int64_t group, float scaling, float* scores, float* query,
+                                                float* acc) {
+  for (int64_t i = 0; i < group * kD; ++i) query[i] = to_float(q[i]) * scaling;
+  for (int64_t g0 = 0; g0 < group; g0 += kChunk) {
+    const int64_t heads = std::min<int64_t>(kChunk, group - g0);
+    float* chunk = scores + g0 * length;
+    if (heads == 3) chunk_scores<3, kD>(chunk, query + g0 * kD, keys, length);
+    else if (heads == 2) chunk_scores<2, kD>(chunk, query + g0 * kD, keys, length);
+    else chunk_scores<1, kD>(chunk, query + g0 * kD, keys, length);
+  }
+  softmax_rows(scores, group, length);
+  for (int64_t g0 = 0; g0 < group; g0 += kChunk) {
+    const int64_t heads = std::min<int64_t>(kChunk, group - g0);
+    const float* chunk = scores + g0 * length;
+    if (heads == 3) chunk_values<3, kD>(acc + g0 * kD, chunk, values, length);
+    else if (heads == 2) chunk_values<2, kD>(acc + g0 * kD, chunk, values, length);
+    else chunk_values<1, kD>(acc + g0 * kD, chunk, values, length);
+  }
+  for (int64_t i = 0; i < group * kD; ++i) store(out[i], acc[i]);
 }
 
 }  // namespace
@@ -189,9 +259,20 @@ void decode_attention_forward(std::uintptr_t out, std::uintptr_t q, std::uintptr
         const int64_t slot = pair / kv_heads, kv = pair % kv_heads;
         const int64_t head_at = (slot * heads + kv * group) * head_dim;
         const int64_t cache_at = (slot * kv_heads + kv) * max_positions * head_dim;
-        attend(reinterpret_cast<T*>(out) + head_at, reinterpret_cast<const T*>(q) + head_at,
-               reinterpret_cast<const T*>(key_cache) + cache_at, reinterpret_cast<const T*>(value_cache) + cache_at,
-               position[slot] + 1, group, head_dim, float(scaling), scores.data(), query.data(), acc.data());
+        T* const o = reinterpret_cast<T*>(out) + head_at;
+        const T* const query_heads = reinterpret_cast<const T*>(q) + head_at;
+        const T* const keys = reinterpret_cast<const T*>(key_cache) + cache_at;
+        const T* const values = reinterpret_cast<const T*>(value_cache) + cache_at;
+        const int64_t length = position[slot] + 1;
+        if (head_dim == 64)
+          attend_in_registers<64>(o, query_heads, keys, values, length, group, float(scaling), scores.data(),
+                                  query.data(), acc.data());
+        else if (head_dim == 128)
+          attend_in_registers<128>(o, query_heads, keys, values, length, group, float(scaling), scores.data(),
+                                   query.data(), acc.data());
+        else
+          attend(o, query_heads, keys, values, length, group, head_dim, float(scaling), scores.data(), query.data(),
+                 acc.data());
       }
     }
   });

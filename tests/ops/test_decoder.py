@@ -96,26 +96,31 @@ def test_what_the_kernels_do_not_take_goes_to_the_references_with_gradients(gene
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("decode_positions, prompt_positions", [([4, 0, 37, 11], [(0, 6)]), ([63, 1], [])])
+@pytest.mark.parametrize("heads, kv_heads, dim", [
+    (9, 3, 64),  # SmolLM2: a group of 3 in registers
+    (8, 2, 128),  # groups of 4: chunks of 3 and 1
+    (4, 2, 16),  # a head size the register path does not take
+])
 def test_decode_attention_kernel_lets_each_token_see_its_own_slot_up_to_its_position(
-        decode_positions, prompt_positions, dtype, generator, monkeypatch):
+        decode_positions, prompt_positions, heads, kv_heads, dim, dtype, generator, monkeypatch):
     calls = count_calls(monkeypatch, attention, "cpp_decode_attention")
-    heads, kv_heads, dim, slots, capacity = 9, 3, 64, 6, 64
+    slots, capacity = 6, 64
     keys, values = torch.randn(2, slots, kv_heads, capacity, dim, generator=generator, dtype=torch.float64) * 2
     tokens = len(decode_positions) + sum(end - start for start, end in prompt_positions)
-    query = torch.randn(1, heads, tokens, dim, generator=generator, dtype=torch.float64) * 2
+    query = torch.randn(1, heads, tokens, dim, generator=generator, dtype=torch.float64) * 4 / dim ** 0.5
     prompt_slot = len(decode_positions) + 1
     batch = SlotBatch.build(decode_positions, prompt_positions, prompt_slot, dtype, torch.device("cpu"))
     # the cache is [slots, KVH, P, D] contiguous, the query [1, H, T, D] a transposed view, as in the engine
     cast_query = query.transpose(1, 2).contiguous().to(dtype).transpose(1, 2)
     with torch.no_grad():
-        got = slot_attention(cast_query, keys.to(dtype), values.to(dtype), batch, 0.125)
+        got = slot_attention(cast_query, keys.to(dtype), values.to(dtype), batch, dim ** -0.5)
     assert calls
     token_slots = [*range(len(decode_positions)), *(prompt_slot + row for row, (start, end)
                                                    in enumerate(prompt_positions) for _ in range(start, end))]
     positions = batch.positions.tolist()
     for token, (slot, position) in enumerate(zip(token_slots, positions)):
         key, value = (c[None, slot, :, : position + 1] for c in (keys, values))
-        expected = attention_reference(query[:, :, token : token + 1], key, value, None, 0.125)
+        expected = attention_reference(query[:, :, token : token + 1], key, value, None, dim ** -0.5)
         assert_close_to_reference(got[:, token], expected[:, 0], dtype)
 
 
