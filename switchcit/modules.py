@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from switchcit.ops import RoutingPlan, build_routing_plan, linear, lora_delta
+from switchcit.ops.lora import add_bank_lora_
 from switchcit.ops.routing import check_adapter_ids
 
 __all__ = ["NO_ADAPTER", "RoutingContext", "MultiLoraLinear", "attach_context", "linear_features",
@@ -278,6 +279,8 @@ class MultiLoraLinear(nn.Module):
         if routing is None or self.lora_a.shape[1] == 0:
             return out
         self._grow(self.context.num_adapters, 0)  # adapters added to the model after this layer
+        if isinstance(routing, RoutingPlan):  # the context's plan, checked once for all layers
+            return add_bank_lora_(out, x, self.lora_a, self.lora_b, routing, self.scaling, self.ranks)
         return lora_delta(x, self.lora_a, self.lora_b, routing, self.scaling, out=out, ranks=self.ranks)
 
     def extra_repr(self) -> str:

@@ -32,7 +32,7 @@ from switchcit.ops.naive import lora_delta_reference
 from switchcit.ops.routing import RoutingPlan, build_routing_plan, check_adapter_ids, may_read_values
 from switchcit.ops.triton import TritonKernels  # registers the custom ops; imports triton lazily
 
-__all__ = ["lora_linear", "lora_delta"]
+__all__ = ["lora_linear", "lora_delta", "add_bank_lora_"]
 
 
 def lora_linear(
@@ -87,6 +87,27 @@ def lora_delta(
                 "adding into it would write them more than once; pass a tensor without overlap (out.clone())"
             )
     return _add_lora(call, out, shape)
+
+
+def add_bank_lora_(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                   plan: RoutingPlan, scaling: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """:func:`lora_delta` into ``out`` (returned) for an adapter-bank layer with grad mode off, without the
+    per-call checks where they hold already: the bank's shapes were checked as its adapters were added,
+    the plan as it was built, and ``out`` is the base layer's fresh output (at a decode step those checks
+    cost more than the LoRA kernel). What could still differ — token count, bank size, device, dtype,
+    layout, grad mode — is checked here, and then it is :func:`lora_delta` itself."""
+    tokens = plan.num_tokens
+    backend = select_backend(None, x)
+    if (torch.is_grad_enabled() or backend == "torch" or not (x.is_contiguous() and out.is_contiguous())
+            or x.numel() != tokens * lora_a.shape[2] or out.numel() != tokens * lora_b.shape[1]
+            or plan.num_adapters != lora_a.shape[0] or plan.device != x.device
+            or not x.dtype == out.dtype == lora_a.dtype == lora_b.dtype):
+        return lora_delta(x, lora_a, lora_b, plan, scaling, out=out, ranks=ranks)
+    if backend == "triton":
+        plan = plan.with_tiles()
+    _kernels(backend).forward(out.view(tokens, -1), x.view(tokens, -1), lora_a, lora_b, plan, scaling, 1.0, ranks,
+                              save=False)
+    return out
 
 
 class _Call(NamedTuple):
