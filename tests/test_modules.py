@@ -5,8 +5,11 @@ from conftest import assert_close_to_reference
 
 from switchcit import NO_ADAPTER, MultiLoraLinear, RoutingContext
 from switchcit.modules import accelerate_linear, restore_linear
-from switchcit.ops.cpp import HAS_CPP_LINEAR
+from switchcit.ops import lora as lora_module
+from switchcit.ops.cpp import HAS_CPP_KERNELS, HAS_CPP_LINEAR
 from switchcit.ops.naive import lora_delta_reference
+
+prepare = lora_module._prepare
 
 
 def bank_layer(gen, hidden=24, out_features=20):
@@ -33,6 +36,31 @@ def test_bank_routes_tokens_to_their_adapters(generator):
     lora_a, lora_b, scale = weights["b"]
     expected[0] += scale * (x[0].double() @ lora_a.double().T) @ lora_b.double().T
     assert_close_to_reference(got, expected, torch.float32)
+
+
+@pytest.mark.skipif(not HAS_CPP_KERNELS, reason="switchcit._C is not built")
+def test_inference_with_the_context_plan_skips_the_per_call_checks_not_their_errors(generator, monkeypatch):
+    layer = bank_layer(generator)
+    for name, rank in (("a", 3), ("b", 6)):
+        layer.add_adapter(name, torch.randn(rank, 24, generator=generator), torch.randn(20, rank, generator=generator))
+    ids = torch.tensor([1, NO_ADAPTER, 0, 1, 1, 0, NO_ADAPTER])  # ragged: adapter a 2 tokens, b 3, base 2
+    x = torch.randn(1, 7, 24, generator=generator)
+    layer.context.route_tokens(ids)
+    checked = []
+    monkeypatch.setattr(lora_module, "_prepare", lambda *args: checked.append(1) or prepare(*args))
+    with torch.no_grad():
+        got = layer(x)
+    assert not checked  # the kernel, without lora_delta's checks
+    expected = torch.nn.functional.linear(x.double(), layer.base_layer.weight.double(), layer.base_layer.bias.double())
+    expected[0] += lora_delta_reference(x[0].double(), layer.lora_a.double(), layer.lora_b.double(), ids,
+                                        layer.scaling.double(), layer.ranks)
+    assert_close_to_reference(got, expected, torch.float32)
+    with torch.no_grad(), pytest.raises(ValueError, match="routing plan is for 7 tokens"):
+        layer(x[:, :5])  # a plan for other tokens: lora_delta's own error
+    assert checked
+    got_with_grad = layer(x)  # grad mode: lora_delta, differentiable
+    assert got_with_grad.requires_grad
+    assert_close_to_reference(got_with_grad.detach(), expected, torch.float32)
 
 
 def test_remove_and_replace_adapter(generator):
