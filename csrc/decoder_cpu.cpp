@@ -16,6 +16,9 @@
 namespace switchcit {
 namespace {
 
+// Below this many elements an op runs on one thread: a decode step's norm or rotary is a few µs, less
+// than waking a second thread (or waiting for one that the OS has preempted).
+constexpr int64_t kParallelElements = 1 << 16;
 constexpr int kPartials = 16;  // partial sums of a norm's reduction: one AVX-512 or two AVX2 vectors
 
 // value as the storage type T would hold it (float: unchanged).
@@ -209,7 +212,7 @@ void rms_norm_forward(std::uintptr_t out, std::uintptr_t residual_out, std::uint
                       int num_threads) {
   with_storage_type(dtype, [&](auto storage) {
     using T = decltype(storage);
-    const int threads = int(std::clamp<int64_t>(num_threads, 1, std::max<int64_t>(rows, 1)));
+    const int threads = rows * hidden < kParallelElements ? 1 : int(std::clamp<int64_t>(num_threads, 1, rows));
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
       std::vector<float> sums(hidden);
@@ -229,7 +232,8 @@ void rotary_forward(std::uintptr_t q, std::uintptr_t k, std::uintptr_t cos, std:
                     int64_t q_stride, int64_t k_stride, int num_threads) {
   with_storage_type(dtype, [&](auto storage) {
     using T = decltype(storage);
-    const int threads = int(std::clamp<int64_t>(num_threads, 1, std::max<int64_t>(tokens, 1)));
+    const int64_t elements = tokens * (q_heads + k_heads) * head_dim;
+    const int threads = elements < kParallelElements ? 1 : int(std::clamp<int64_t>(num_threads, 1, tokens));
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t t = 0; t < tokens; ++t) {
       const T* c = reinterpret_cast<const T*>(cos) + t * head_dim;

@@ -32,6 +32,7 @@ HAS_CPP_KERNELS = _C is not None and hasattr(_C, "lora_forward")
 HAS_CPP_LINEAR = _C is not None and hasattr(_C, "linear_forward")  # a build older than the kernel lacks it
 HAS_CPP_DECODER = _C is not None and hasattr(_C, "decode_attention_forward")
 CPP_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+PARALLEL_LORA_TOKENS = 128  # fewer tokens: the LoRA forward runs on one thread
 
 
 def decoder_kernels_take(*tensors: Tensor) -> bool:
@@ -69,9 +70,9 @@ def cpp_lora_forward_(
     num_tokens, hidden = x.shape
     num_adapters, max_rank, _ = lora_a.shape
     scaling32, ranks32 = _kernel_args(scaling, ranks)
-    # The forward shares tokens out among threads: more threads than tokens (decode) would only start
-    # idle ones.
-    threads = min(torch.get_num_threads(), num_tokens)
+    # The forward shares tokens out among threads; a decode step's few tokens are a few µs of work, less
+    # than waking a second thread (or waiting for one the OS has preempted), so they take one.
+    threads = 1 if num_tokens < PARALLEL_LORA_TOKENS else torch.get_num_threads()
     _C.lora_forward(
         out.data_ptr(), x.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(),
         sorted_token_ids.data_ptr(), adapter_offsets.data_ptr(), _ptr(scaling32), _ptr(ranks32),
