@@ -1,4 +1,4 @@
-"""Random multi-LoRA problems shared by the tests, and the backends they run on."""
+"""Random multi-LoRA problems shared by the tests, the backends they run on, and a tiny random Llama."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -94,3 +94,19 @@ def make_problem(
         scaling=scaling,
         ranks=ranks,
     )
+
+
+def tiny_llama_batch(generator: torch.Generator):
+    """A random 2-layer Llama with grouped-query attention (6 heads over 2), in eval mode, and a batch of 3
+    sequences of 9 tokens, two of them left-padded: ``(model, ids, attention_mask)``."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=6, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (3, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = mask[2, :1] = 0
+    return model, ids, mask
+

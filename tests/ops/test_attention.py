@@ -4,6 +4,7 @@ softmax attention with the keys repeated, in float64, on strided slot views with
 transformers model that uses it computes and generates what it did before."""
 import pytest
 import torch
+from helpers import tiny_llama_batch
 
 from switchcit.ops.attention import ATTENTION, SlotBatch, accelerate_attention, grouped_attention, slot_attention
 from switchcit.ops.naive import attention_reference
@@ -60,15 +61,7 @@ def test_slot_attention_lets_each_token_see_its_own_slot_up_to_its_position(
 
 
 def test_a_model_with_it_computes_and_generates_as_with_sdpa(generator):
-    import transformers
-
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=6, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 64, (3, 9), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[0, :4] = mask[2, :1] = 0  # left padding
+    model, ids, mask = tiny_llama_batch(generator)
     logits = model(input_ids=ids, attention_mask=mask).logits
     greedy = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     model.train()

@@ -5,6 +5,7 @@ them computes and generates what it did before."""
 import pytest
 import torch
 from conftest import assert_close_to_reference
+from helpers import tiny_llama_batch
 
 from switchcit.ops import attention, decoder
 from switchcit.ops.attention import SlotBatch, slot_attention
@@ -125,15 +126,7 @@ def test_decode_attention_kernel_lets_each_token_see_its_own_slot_up_to_its_posi
 
 
 def test_a_llama_with_these_layers_computes_and_generates_as_before(generator, monkeypatch):
-    import transformers
-
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=6, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 64, (3, 9), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0  # left padding
+    model, ids, mask = tiny_llama_batch(generator)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
         greedy = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, top_p=None, top_k=None)
