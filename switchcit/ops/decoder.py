@@ -8,10 +8,10 @@ is 8 ops, ``apply_rotary_pos_emb`` 14, and views, transposes and residual adds s
 where nothing can differ but the speed — contiguous CPU tensors, float32 or bfloat16, grad mode off —
 and their plain references (:mod:`switchcit.ops.naive`) otherwise, results and gradients included.
 
-:func:`accelerate_decoder` gives a model's ``LlamaDecoderLayer``s a forward built from them: the same
-modules called in the same order (adapter-bank and PEFT layers included) and the same attention
-interface, with the residual add before the second norm fused into it. Under grad mode, or off CPU, a
-layer runs transformers' own forward.
+:func:`accelerate_decoder` gives a model's ``LlamaDecoderLayer``s and their attention forwards built
+from them: the same modules called in the same order (adapter-bank and PEFT layers included, hooks and
+transformers' output capture too) and the same attention interface, with the residual add before the
+second norm fused into it. Under grad mode, or off CPU, a layer runs transformers' own forwards.
 """
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
 
 def accelerate_decoder(model: nn.Module) -> nn.Module:
     """Give every ``LlamaDecoderLayer`` of ``model`` (transformers; SmolLM and Llama checkpoints) whose
-    forward nobody replaced the forward of this module; returns ``model``. Instance-level and idempotent;
-    other layers are left as they are."""
+    forward nobody replaced, and its attention, the forwards of this module; returns ``model``.
+    Instance-level and idempotent; other layers are left as they are."""
     from transformers.models.llama import modeling_llama as llama
 
     parts = {"input_layernorm": llama.LlamaRMSNorm, "post_attention_layernorm": llama.LlamaRMSNorm,
@@ -80,31 +80,45 @@ def accelerate_decoder(model: nn.Module) -> nn.Module:
                 and all(type(getattr(module, name, None)) is kind and "forward" not in getattr(module, name).__dict__
                         for name, kind in parts.items())):
             module.forward = types.MethodType(_decoder_forward, module)
+            module.self_attn.forward = types.MethodType(_attention_forward, module.self_attn)
     return model
+
+
+def _runs_fused(hidden_states: torch.Tensor) -> bool:
+    return not torch.is_grad_enabled() and hidden_states.is_cpu
 
 
 def _decoder_forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
                      past_key_values=None, use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
-    if torch.is_grad_enabled() or not hidden_states.is_cpu:
+    if not _runs_fused(hidden_states):
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache,
                                   position_embeddings=position_embeddings, **kwargs)
+    normed = rms_norm(hidden_states, self.input_layernorm.weight, self.input_layernorm.variance_epsilon)
+    # a module call, as transformers makes it: hooks on the attention (output capture, PEFT) still run
+    out, _ = self.self_attn(hidden_states=normed, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, use_cache=use_cache,
+                            position_embeddings=position_embeddings, **kwargs)
+    norm, mlp = self.post_attention_layernorm, self.mlp
+    normed, hidden_states = add_rms_norm(out, hidden_states, norm.weight, norm.variance_epsilon)
+    return hidden_states.add_(mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed)))
+
+
+def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                       past_key_values=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not _runs_fused(hidden_states):
+        return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
+                                  attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    attention, mlp = self.self_attn, self.mlp
     tokens = hidden_states.shape[:-1]
-    normed = rms_norm(hidden_states, self.input_layernorm.weight, self.input_layernorm.variance_epsilon)
-    query, key, value = (projection(normed).view(*tokens, -1, attention.head_dim)
-                         for projection in (attention.q_proj, attention.k_proj, attention.v_proj))
+    query, key, value = (projection(hidden_states).view(*tokens, -1, self.head_dim)
+                         for projection in (self.q_proj, self.k_proj, self.v_proj))
     apply_rotary_(query, key, *position_embeddings)
     query, key, value = (t.transpose(1, 2) for t in (query, key, value))
     if past_key_values is not None:
-        key, value = past_key_values.update(key, value, attention.layer_idx)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
-    out, _ = interface(attention, query, key, value, attention_mask, dropout=0.0, scaling=attention.scaling,
-                       **kwargs)
-    out = attention.o_proj(out.reshape(*tokens, -1))
-    norm = self.post_attention_layernorm
-    normed, hidden_states = add_rms_norm(out, hidden_states, norm.weight, norm.variance_epsilon)
-    return hidden_states.add_(mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed)))
+        key, value = past_key_values.update(key, value, self.layer_idx)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    out, weights = interface(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+    return self.o_proj(out.reshape(*tokens, -1)), weights

@@ -145,3 +145,19 @@ def test_a_llama_with_these_layers_computes_and_generates_as_before(generator, m
     model(input_ids=ids, labels=ids).loss.backward()  # grad mode: transformers' own forward, bit for bit
     for grad, param in zip(grads, model.parameters()):
         torch.testing.assert_close(param.grad, grad, rtol=0, atol=0)
+
+
+def test_transformers_output_capture_sees_the_fused_layers(generator, monkeypatch):
+    model, ids, mask = tiny_llama_batch(generator)
+    model.set_attn_implementation("eager")  # the attention interface that returns its weights
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    accelerate_decoder(model)
+    calls = count_calls(monkeypatch, decoder, "cpp_rotary_")
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    assert len(calls) == 2  # the fused layers ran, and the hooks on their attention recorded it
+    for name in ("attentions", "hidden_states"):
+        assert len(getattr(got, name)) == len(getattr(expected, name)) > 0
+        for tensor, reference in zip(getattr(got, name), getattr(expected, name)):
+            torch.testing.assert_close(tensor, reference, rtol=1e-5, atol=1e-5)
