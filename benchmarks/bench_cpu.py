@@ -26,7 +26,11 @@ same weight every call (in cache below a few MB). Outputs are checked against th
 random prompts, every sequence decoding), its linear layers through the kernel (``accelerate_linear``,
 what ``SwitchModel`` does) vs ``F.linear`` (``restore_linear``), alternating blocks of steps.
 
-    python benchmarks/bench_cpu.py            # all three: benchmarks/results/cpu-{lora_delta,linear,decode}.{json,md}
+``--op layer``: the decoder layer's C++ ops — RMSNorm, the residual add with it, rotary, decode attention
+over the slot cache — against the PyTorch ops they replace (transformers' for rotary, SDPA for attention),
+at SmolLM2-135M's decode sizes (``--sequences`` tokens and 4; 128 and 512 cached positions).
+
+    python benchmarks/bench_cpu.py            # all: benchmarks/results/cpu-{lora_delta,linear,decode,layer}.{json,md}
     python benchmarks/bench_cpu.py --op linear
 """
 from __future__ import annotations
@@ -77,7 +81,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=16, help="lora_delta")
     parser.add_argument("--repeats", type=int, default=50, help="lora_delta")
     parser.add_argument("--rows", default="1,4,16,64,96,128", help="linear: rows of x, comma-separated")
-    parser.add_argument("--sequences", default="1,16,64", help="decode: sequences per step, comma-separated")
+    parser.add_argument("--sequences", default="1,16,64", help="decode, layer: sequences per step, comma-separated")
     parser.add_argument("--smoke", action="store_true", help="linear, decode: tiny shapes and model, few repeats (CI)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
@@ -177,7 +181,7 @@ def bench_linear(args) -> None:
                        "dispatch": "kernel" if uses_kernel(x, weight) else "F.linear"}
                 for weights, pool in (("hot", [weight]), ("cold", copies)):
                     repeats = 3 if args.smoke else max(7 if out_features > 10_000 else 41, len(pool) + 1)
-                    row[weights] = alternating_us(x, pool, repeats)
+                    row[weights] = alternating_us(linear_calls(x, pool), repeats)
                     row[weights]["speedup"] = row[weights]["F.linear"] / row[weights]["kernel"]
             rows_out.append(row)
             print(f"{name:18s} M={rows:3d}  " + "   ".join(
@@ -213,19 +217,28 @@ timed alternately, call by call, on the same inputs; medians. The kernel is `swi
 LINEAR_METHODS = {"F.linear": lambda x, w: F.linear(x, w), "kernel": lambda x, w: cpp_linear(x, w, None)}
 
 
-def alternating_us(x: torch.Tensor, weights: list[torch.Tensor], repeats: int) -> dict[str, float]:
-    """Median µs per call of each of LINEAR_METHODS on x, the methods taking turns call by call (load from
-    other processes falls on both alike), each call on the next weight of ``weights``."""
-    for fn in LINEAR_METHODS.values():
-        fn(x, weights[0])
-    samples = {name: [] for name in LINEAR_METHODS}
+def alternating_us(methods: dict, repeats: int) -> dict[str, float]:
+    """Median µs per call of each of ``methods`` (``name → fn(i)``, call ``i``), the methods taking turns
+    call by call (load from other processes falls on all alike), after one warm-up call each."""
+    for fn in methods.values():
+        fn(0)
+    samples = {name: [] for name in methods}
     for i in range(repeats):
-        for name, fn in LINEAR_METHODS.items():
-            weight = weights[(i + 1) % len(weights)]
+        for name, fn in methods.items():
             start = time.perf_counter()
-            fn(x, weight)
+            fn(i + 1)
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(v) * 1e6 for name, v in samples.items()}
+
+
+def same_call(fn, *args):
+    """For :func:`alternating_us`: every call is ``fn(*args)``."""
+    return lambda i: fn(*args)
+
+
+def linear_calls(x: torch.Tensor, weights: list[torch.Tensor]) -> dict:
+    """LINEAR_METHODS on x, call i on the i-th weight of ``weights`` (cycled)."""
+    return {name: (lambda i, fn=fn: fn(x, weights[i % len(weights)])) for name, fn in LINEAR_METHODS.items()}
 
 
 def bench_decode(args) -> None:
@@ -295,6 +308,104 @@ alternating blocks of steps.
 """
 
 
+# SmolLM2-135M's layer: hidden 576, 9 query heads over 3 key heads of 64; the engine's cache of 1024 positions.
+LAYER_SHAPE = {"hidden": 576, "heads": 9, "kv_heads": 3, "head_dim": 64, "capacity": 1024}
+SMOKE_LAYER_SHAPE = {"hidden": 37, "heads": 4, "kv_heads": 2, "head_dim": 16, "capacity": 40}
+
+
+def bench_layer(args) -> None:
+    """The decoder layer's C++ ops (``switchcit.ops.decoder``, the slot attention's decode kernel) against
+    the PyTorch ops they replace, at decode sizes; outputs checked against float64 first."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from switchcit.ops.attention import SlotBatch, grouped_attention
+    from switchcit.ops.cpp import cpp_decode_attention
+    from switchcit.ops.decoder import add_rms_norm, apply_rotary_, rms_norm
+    from switchcit.ops.naive import attention_reference, rms_norm_reference, rotary_reference
+
+    shape = SMOKE_LAYER_SHAPE if args.smoke else LAYER_SHAPE
+    hidden, heads, kv_heads, dim, capacity = shape.values()
+    token_counts, lengths = ([1, 3], [5]) if args.smoke else (_ints(args.sequences) + [4], [128, 512])
+    repeats = 3 if args.smoke else 201
+    gen = torch.Generator().manual_seed(0)
+    load, rows_out = os.getloadavg()[0], []
+
+    def check(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+        bound = 2e-5 * (1 + expected.abs().max().item())
+        error = (got.double() - expected).abs().max().item()
+        if error > bound:
+            raise WrongResult(f"{name}: max error {error:.3g} (bound {bound:.3g})")
+
+    def measure(op: str, size: str, methods: dict) -> None:
+        row = {"op": op, "size": size, **alternating_us(methods, repeats)}
+        row["speedup"] = row["PyTorch"] / row["kernel"]
+        rows_out.append(row)
+        print(f"{op:16s} {size:28s} PyTorch {row['PyTorch']:7.1f} us, kernel {row['kernel']:6.1f} us "
+              f"({row['speedup']:.2f}x)", flush=True)
+
+    with torch.no_grad():
+        for tokens in sorted(set(token_counts)):
+            x, residual = torch.randn(2, tokens, hidden, generator=gen)
+            weight = torch.randn(hidden, generator=gen)
+            check("rms_norm", rms_norm(x, weight, 1e-5), rms_norm_reference(x.double(), weight.double(), 1e-5))
+            measure("rms_norm", f"{tokens} × {hidden}", {"PyTorch": same_call(rms_norm_reference, x, weight, 1e-5),
+                                                        "kernel": same_call(rms_norm, x, weight, 1e-5)})
+            check("add_rms_norm", add_rms_norm(x, residual, weight, 1e-5)[0],
+                  rms_norm_reference((residual + x).double(), weight.double(), 1e-5))
+            measure("add + rms_norm", f"{tokens} × {hidden}",
+                    {"PyTorch": same_call(lambda a, b, w: rms_norm_reference(b + a, w, 1e-5), x, residual, weight),
+                     "kernel": same_call(add_rms_norm, x, residual, weight, 1e-5)})
+            q = torch.randn(1, tokens, heads, dim, generator=gen)
+            k = torch.randn(1, tokens, kv_heads, dim, generator=gen)
+            angles = torch.rand(1, tokens, dim, generator=gen) * 6.3  # a rotation: repeated in place, q stays bounded
+            cos, sin = angles.cos(), angles.sin()
+            expected = rotary_reference(q.double(), k.double(), cos.double(), sin.double())
+            rotated_q, rotated_k = q.clone(), k.clone()
+            apply_rotary_(rotated_q, rotated_k, cos, sin)
+            check("rotary q", rotated_q, expected[0])
+            check("rotary k", rotated_k, expected[1])
+            measure("rotary", f"{tokens} tokens, {heads} + {kv_heads} heads",  # transformers' on its layout
+                    {"PyTorch": same_call(apply_rotary_pos_emb, q.transpose(1, 2), k.transpose(1, 2), cos, sin),
+                     "kernel": same_call(apply_rotary_, q, k, cos, sin)})
+        for sequences in sorted(set(token_counts)):
+            for length in lengths:
+                keys, values = torch.randn(2, sequences, kv_heads, capacity, dim, generator=gen)
+                query = torch.randn(sequences, heads, dim, generator=gen)
+                batch = SlotBatch.build([length - 1] * sequences, [], sequences, torch.float32, torch.device("cpu"))
+                positions, mask = batch.positions, batch.decode_mask
+                got = cpp_decode_attention(query, keys, values, positions, dim**-0.5)
+                check("decode attention", got, attention_reference(
+                    query.double()[:, :, None], keys[:, :, :length].double(), values[:, :, :length].double(),
+                    None, dim**-0.5)[:, 0])
+                measure("decode attention", f"{sequences} slots × {length} positions",
+                        {"PyTorch": same_call(grouped_attention, query[:, :, None], keys[:, :, :length],
+                                              values[:, :, :length], mask, dim**-0.5),
+                         "kernel": same_call(cpp_decode_attention, query, keys, values, positions, dim**-0.5)})
+    meta = run_metadata(torch.device("cpu")) | _cpu() | {
+        "dtype": "float32", "shape": str(shape),
+        "timer": f"time.perf_counter, median of {repeats} calls each; the two methods alternate call by call",
+        "PyTorch": "rms_norm_reference (LlamaRMSNorm's ops), transformers' apply_rotary_pos_emb, SDPA with enable_gqa "
+                   "and the decode mask (slot_attention without the kernel)",
+        "load average (1 min) at start / end": f"{load:.2f} / {os.getloadavg()[0]:.2f}",
+        "command": "python benchmarks/bench_cpu.py --op layer" + (" --smoke" if args.smoke
+                                                                 else f" --sequences {args.sequences}"),
+    }
+    header = ["op", "size", "PyTorch µs", "kernel µs", "speed-up"]
+    table = [[r["op"], r["size"], f"{r['PyTorch']:.1f}", f"{r['kernel']:.1f}", f"{r['speedup']:.2f}×"]
+             for r in rows_out]
+    name = "cpu-layer-smoke" if args.smoke else "cpu-layer"
+    _, md = write_results(args.out, name, f"Decoder-layer ops on CPU: {meta['device']}", meta, rows_out, header,
+                          table, notes=LAYER_NOTES)
+    print(md.read_text())
+
+
+LAYER_NOTES = """
+One call of each op at decode sizes, on torch's threads, in inference (grad mode off, as the engine runs):
+the C++ kernel (`csrc/decoder_cpu.cpp`) against the PyTorch ops it replaces in a Llama layer, the two
+alternating call by call on the same inputs; medians. Each kernel's output is checked against float64 first.
+"""
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
@@ -306,7 +417,7 @@ def _cpu() -> dict:
     return {"cpu": model, "cpu capability (torch)": torch.backends.cpu.get_cpu_capability()}
 
 
-OPS = {"lora_delta": bench_lora_delta, "linear": bench_linear, "decode": bench_decode}
+OPS = {"lora_delta": bench_lora_delta, "linear": bench_linear, "decode": bench_decode, "layer": bench_layer}
 
 
 if __name__ == "__main__":

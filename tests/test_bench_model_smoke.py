@@ -48,10 +48,11 @@ def test_switch_cost_benchmark_smoke(tmp_path):
     assert "routing / routed prefill" in (tmp_path / "switch-cost-smoke.md").read_text()
 
 
-def test_cpu_linear_and_decode_benchmark_smoke(tmp_path):
-    """bench_cpu.py's linear (tiny shapes, both methods checked against float64 first) and decode (tiny
-    Llama through the engine, kernel and F.linear steps alternating) runs write their reports."""
-    for op in ("linear", "decode"):
+def test_cpu_linear_decode_and_layer_benchmark_smoke(tmp_path):
+    """bench_cpu.py's linear (tiny shapes, both methods checked against float64 first), decode (tiny
+    Llama through the engine, kernel and F.linear steps alternating) and layer (each decoder op against
+    the PyTorch ops it replaces, checked against float64 first) runs write their reports."""
+    for op in ("linear", "decode", "layer"):
         proc = subprocess.run(
             [sys.executable, "benchmarks/bench_cpu.py", "--op", op, "--smoke", "--out", str(tmp_path)],
             cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -66,3 +67,6 @@ def test_cpu_linear_and_decode_benchmark_smoke(tmp_path):
     assert [row["sequences"] for row in decode] == [1, 2]
     assert all(row["kernel"] > 0 and row["F.linear"] > 0 and row["steps per method"] == 1 for row in decode)
     assert "decode step, kernel (ms)" in (tmp_path / "cpu-decode-smoke.md").read_text()
+    layer = json.loads((tmp_path / "cpu-layer-smoke.json").read_text())["rows"]
+    assert [row["op"] for row in layer] == ["rms_norm", "add + rms_norm", "rotary"] * 2 + ["decode attention"] * 2
+    assert all(row["kernel"] > 0 and row["PyTorch"] > 0 for row in layer)

@@ -11,8 +11,10 @@ vLLM's attention metadata): first one decode token for each live sequence, then 
 prompts that join in this step, each sequence in its own slot of the KV cache. Its keys and values are
 the whole cache ``[slots, kv_heads, positions, head_dim]`` (:class:`switchcit.engine.SlotCache`
 writes the step's tokens into it); :func:`slot_attention` reads the slots in place: the decode tokens
-as ``[n, H, 1, D]`` queries over their slots, the prompts as right-padded rows ``[k, H, W, D]``
-(:class:`PromptRows`) over theirs. Both are built once per step and reused by every layer.
+over their slots — on CPU with grad mode off one C++ call for all of them (``csrc/decoder_cpu.cpp``;
+SDPA's masked path costs ~150 µs a layer there), else ``[n, H, 1, D]`` queries through SDPA — and the
+prompts as right-padded rows ``[k, H, W, D]`` (:class:`PromptRows`) over theirs. Both are built once per
+step and reused by every layer.
 
 :func:`accelerate_attention` makes a transformers model use it (``attn_implementation``
 ``"switchcit"``): forwards that carry a :class:`SlotBatch` (keyword ``slot_batch``) and decode steps
@@ -126,7 +128,9 @@ def slot_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: to
     ``[1, T, H, D]``."""
     queries = query[0].transpose(0, 1)  # [T, H, D]
     parts, count = [], batch.num_decode
-    if count and decoder_kernels_take(queries, key_cache, value_cache):
+    # the kernel reads positions 0…positions[i] of slot i unchecked: only a cache that holds them
+    if (count and decoder_kernels_take(queries, key_cache, value_cache) and count <= key_cache.shape[0]
+            and batch.decode_mask.shape[-1] <= key_cache.shape[2] and batch.positions.dtype == torch.int64):
         parts.append(cpp_decode_attention(queries[:count], key_cache, value_cache, batch.positions[:count], scaling))
     elif count:
         length = batch.decode_mask.shape[-1]

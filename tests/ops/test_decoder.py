@@ -161,3 +161,13 @@ def test_transformers_output_capture_sees_the_fused_layers(generator, monkeypatc
         assert len(getattr(got, name)) == len(getattr(expected, name)) > 0
         for tensor, reference in zip(getattr(got, name), getattr(expected, name)):
             torch.testing.assert_close(tensor, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_kernel_never_reads_past_the_cache(generator, monkeypatch):
+    calls = count_calls(monkeypatch, attention, "cpp_decode_attention")
+    keys, values = torch.randn(2, 3, 2, 8, 16, generator=generator)  # 3 slots of 8 positions
+    batch = SlotBatch.build([2, 10], [], 2, torch.float32, torch.device("cpu"))  # position 10 is past them
+    query = torch.randn(1, 4, 2, 16, generator=generator)
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        slot_attention(query, keys, values, batch, 0.25)  # SDPA's own error
+    assert not calls
